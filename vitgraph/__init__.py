@@ -1,0 +1,1 @@
+"""vitgraph: structured pruning of Vision Transformers as torch.fx passes."""

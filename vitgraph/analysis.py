@@ -1,0 +1,313 @@
+"""``analyze``: trace a model and find its coupled channel groups."""
+from __future__ import annotations
+
+import hashlib
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+
+from . import rules_nn  # noqa: F401  (registers the layer rules)
+from .axes import AxisStore, Layout, Why
+from .context import META_KEY, RuleContext, TensorDims
+from .errors import AnalysisError
+from .rules import get_attr_dims, lookup_rule, no_rule, output_dims, placeholder_dims
+from .trace import trace
+
+KINDS = ("residual", "head", "qk", "v", "ffn", "other")
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels (or heads) that must be removed together.
+
+    ``size`` counts units: heads for ``head`` groups, per-head dims for ``qk`` and ``v`` groups,
+    channels otherwise.  ``per_head`` says whether each head may keep different dims.
+    """
+
+    id: str
+    kind: str
+    size: int
+    params: tuple[tuple[str, int], ...]
+    nodes: tuple[str, ...]
+    head_group: Optional[str] = None
+    per_head: bool = False
+    axis: int = -1
+
+    def __str__(self) -> str:
+        extra = f", heads={self.head_group}" if self.head_group else ""
+        return f"{self.id:<32} {self.kind:<8} size={self.size}{extra}"
+
+
+@dataclass(frozen=True)
+class FrozenChannels:
+    """Channels that cannot be pruned, where they live and why."""
+
+    axis: int
+    size: int
+    where: tuple[str, ...]
+    reason: str
+
+    def __str__(self) -> str:
+        places = ", ".join(self.where[:3]) + (" ..." if len(self.where) > 3 else "")
+        return f"{self.size} channels in {places or '<activations>'}: {self.reason}"
+
+
+class Analysis:
+    """Result of :func:`analyze`: the traced graph, channel groups and frozen channels."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: RuleContext, model: nn.Module, inputs: Sequence[torch.Tensor]) -> None:
+        self.graph_module = gm
+        self.store = ctx.store
+        self.params: dict[str, TensorDims] = ctx.params
+        self.unruled = list(ctx.unruled)
+        self.input_shapes = [list(t.shape) for t in inputs]
+        self.input_dtypes = [str(t.dtype).replace("torch.", "") for t in inputs]
+        self.fingerprint = fingerprint(gm)
+        self._model = weakref.ref(model)
+        self.groups: list[ChannelGroup] = []
+        self.frozen: list[FrozenChannels] = []
+        self.sections: dict[int, list[int]] = {}
+        _build_groups(self)
+        self._by_id = {g.id: g for g in self.groups}
+        self._by_axis = {g.axis: g for g in self.groups}
+
+    @property
+    def graph(self) -> nx.Graph:
+        """The networkx graph of axes (nodes) and the ties between them (edges, with reasons)."""
+        return self.store.graph
+
+    @property
+    def model(self) -> Optional[nn.Module]:
+        """The analysed model, while it is alive."""
+        return self._model()
+
+    def group(self, group_id: str) -> ChannelGroup:
+        """The group with this id (``KeyError`` listing close ids if unknown)."""
+        try:
+            return self._by_id[group_id]
+        except KeyError:
+            near = [g for g in self._by_id if group_id.split(":")[0] in g][:5]
+            raise KeyError(f"no group {group_id!r}; similar: {near or list(self._by_id)[:5]}") from None
+
+    def group_of_axis(self, axis: int) -> Optional[ChannelGroup]:
+        """The group whose leaf axis is ``axis`` (a root), if any."""
+        return self._by_axis.get(self.store.find(axis))
+
+    def explain(self, group_id: str) -> str:
+        """Why a group's channels are coupled: the ties that join them, each with its op."""
+        g = self.group(group_id)
+        comp = _component(self.store, g.axis)
+        lines = [f"{g.id}: {g.kind} group of {g.size} units; roles {sorted(self.store.roles.get(g.axis, ()))}"]
+        lines.append(f"  parameters: {', '.join(f'{p}[dim {d}]' for p, d in g.params) or '-'}")
+        seen = set()
+        for a, b, data in self.graph.edges(comp, data=True):
+            why = data.get("why")
+            if why is None or str(why) in seen:
+                continue
+            seen.add(str(why))
+            lines.append(f"  tied by {why}")
+        return "\n".join(lines)
+
+    def explain_frozen(self) -> str:
+        """Every frozen channel set with the op that froze it."""
+        return "\n".join(str(f) for f in self.frozen) or "no frozen channels"
+
+    def summary(self) -> str:
+        """Readable summary: groups by kind and frozen channels."""
+        by_kind = {k: [g for g in self.groups if g.kind == k] for k in KINDS}
+        head = ", ".join(f"{len(v)} {k}" for k, v in by_kind.items() if v)
+        lines = [f"Analysis of {self.graph_module.__class__.__name__}: {len(self.groups)} groups ({head}); "
+                 f"{len(self.frozen)} frozen channel sets"]
+        lines += [f"  {g}" for g in self.groups]
+        if self.frozen:
+            lines.append("frozen:")
+            lines += [f"  {f}" for f in self.frozen]
+        if self.unruled:
+            ops = sorted({w for _, w in self.unruled})
+            lines.append(f"ops without a rule (their channels are frozen): {', '.join(ops)}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def __repr__(self) -> str:
+        return f"<Analysis {len(self.groups)} groups, {len(self.frozen)} frozen>"
+
+
+def _component(store: AxisStore, axis: int) -> set:
+    r = store.find(axis)
+    return {n for n in store.graph.nodes if isinstance(n, int) and store.find(n) == r}
+
+
+def fingerprint(gm: fx.GraphModule) -> str:
+    """Architecture fingerprint: the generated code plus parameter and buffer shapes."""
+    h = hashlib.sha256(gm.code.encode())
+    for name, t in list(gm.named_parameters()) + list(gm.named_buffers()):
+        h.update(f"{name}:{tuple(t.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+def as_inputs(example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
+    """Normalise example inputs to a tuple."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    return tuple(example_inputs)
+
+
+def analyze(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]]) -> Analysis:
+    """Trace ``model`` on ``example_inputs`` and find its coupled channel groups."""
+    inputs = as_inputs(example_inputs)
+    gm = trace(model, inputs)
+    store = AxisStore()
+    ctx = RuleContext(gm, store)
+    for node in gm.graph.nodes:
+        ctx.node = node
+        try:
+            node.meta[META_KEY] = _run_rule(ctx, gm, node)
+        except Exception as e:  # noqa: BLE001 - a failing rule freezes, never guesses
+            node.meta[META_KEY] = _fail_rule(ctx, node, e)
+    ctx.node = None
+    return Analysis(gm, ctx, model, inputs)
+
+
+def _run_rule(ctx: RuleContext, gm: fx.GraphModule, node: fx.Node) -> Any:
+    if node.op == "placeholder":
+        return placeholder_dims(ctx, node)
+    if node.op == "get_attr":
+        return get_attr_dims(ctx, node)
+    if node.op == "output":
+        return output_dims(ctx, node)
+    rule = lookup_rule(gm, node)
+    return (rule or no_rule)(ctx, node)
+
+
+def _fail_rule(ctx: RuleContext, node: fx.Node, e: Exception) -> Any:
+    """A rule that raised: freeze what the node touches and record why."""
+    ctx.unruled.append((node.name, f"rule failed ({type(e).__name__}: {e})"))
+    try:
+        return no_rule(ctx, node)
+    except Exception as e2:  # noqa: BLE001
+        raise AnalysisError(f"cannot analyse {node.format_node()}: {e}") from e2
+
+
+# ---------------------------------------------------------------------------------------------
+# group building
+
+
+def _propagate(store: AxisStore) -> None:
+    """Push freeze reasons and roles from refined axes down to their leaf axes."""
+    changed = True
+    while changed:
+        changed = False
+        for r, d in list(store.defs.items()):
+            if store.find(r) != r:
+                continue
+            why = store.frozen.get(r)
+            roles = store.roles.get(r, set())
+            for leaf in store.axes_of(d, leaves=True):
+                if why is not None and leaf not in store.frozen:
+                    store.frozen[leaf] = why
+                    changed = True
+                have = store.roles.setdefault(leaf, set())
+                if not roles <= have:
+                    have |= roles
+                    changed = True
+
+
+def _kind(roles: set[str]) -> str:
+    for kind, role in (("head", "head"), ("qk", "qk"), ("v", "v"), ("residual", "add")):
+        if role in roles:
+            return kind
+    if {"linear_in", "linear_out"} <= roles:
+        return "ffn"
+    return "other"
+
+
+def _owner(param: str) -> str:
+    return param.rpartition(".")[0]
+
+
+def _common_prefix(paths: Iterable[str]) -> str:
+    parts = [p.split(".") for p in paths if p]
+    if not parts:
+        return ""
+    out = []
+    for seg in zip(*parts):
+        if all(s == seg[0] for s in seg):
+            out.append(seg[0])
+        else:
+            break
+    return ".".join(out)
+
+
+def _build_groups(an: Analysis) -> None:
+    store = an.store
+    _propagate(store)
+    leaf_nodes: dict[int, list[str]] = {}
+    blocks_with: dict[int, list[tuple[int, ...]]] = {}
+    gm = an.graph_module
+
+    def visit_layout(lay: Optional[Layout], where: str, sink: dict[int, list[str]]) -> None:
+        if lay is None:
+            return
+        for blk in store.expand(lay):
+            leaves = tuple(store.find(a) for a in blk)
+            for a in leaves:
+                sink.setdefault(a, []).append(where)
+                blocks_with.setdefault(a, []).append(leaves)
+            for a in leaves:
+                d = store.defs.get(a)
+                if d is not None:
+                    visit_layout(d, where, sink)
+
+    for node in gm.graph.nodes:
+        val = node.meta.get(META_KEY)
+        for td in (val if isinstance(val, tuple) else (val,)):
+            if isinstance(td, TensorDims) and td.live:
+                for lay in td.dims:
+                    visit_layout(lay, node.name, leaf_nodes)
+    leaf_params: dict[int, list[tuple[str, int]]] = {}
+    for name, td in an.params.items():
+        for d, lay in enumerate(td.dims):
+            sink: dict[int, list[str]] = {}
+            visit_layout(lay, name, sink)
+            for a in sink:
+                leaf_params.setdefault(a, []).append((name, d))
+    raw = []
+    for a in sorted(leaf_nodes):
+        if store.size[a] <= 1 or a in store.defs or a in store.stale:
+            continue
+        params = tuple(dict.fromkeys(leaf_params.get(a, [])))
+        nodes = tuple(dict.fromkeys(leaf_nodes[a]))
+        if a in store.frozen:
+            an.frozen.append(FrozenChannels(a, store.size[a], tuple(p for p, _ in params) or nodes[:3], str(store.frozen[a])))
+            continue
+        kind = _kind(store.roles.get(a, set()))
+        raw.append((a, kind, params, nodes))
+    heads = {a for a, k, _, _ in raw if k == "head"}
+    ids: dict[str, int] = {}
+    named: dict[int, str] = {}
+    for a, kind, params, nodes in raw:
+        owners = [_owner(p) for p, _ in params]
+        prefix = _common_prefix(owners)
+        if owners and all(o == prefix for o in owners):
+            prefix = prefix.rpartition(".")[0]
+        base = f"{prefix}:{kind}" if prefix else kind
+        n = ids.get(base, 0)
+        ids[base] = n + 1
+        named[a] = base if n == 0 else f"{base}.{n}"
+    for a, kind, params, nodes in raw:
+        head, per_head = None, False
+        if kind in ("qk", "v"):
+            partners = [set(b) & heads for b in blocks_with.get(a, [])]
+            common = set.intersection(*partners) if partners else set()
+            if len(common) == 1:
+                h = common.pop()
+                head = named[h]
+                per_head = True
+        an.groups.append(ChannelGroup(named[a], kind, store.size[a], params, nodes, head, per_head, a))

@@ -1,0 +1,21 @@
+"""Exception types raised by vitgraph."""
+
+
+class VitgraphError(Exception):
+    """Base class of every error vitgraph raises on purpose."""
+
+
+class TraceError(VitgraphError):
+    """The model cannot be traced to a torch.fx graph."""
+
+
+class AnalysisError(VitgraphError):
+    """The channel analysis met a graph it cannot describe."""
+
+
+class PlanError(VitgraphError, ValueError):
+    """A plan does not fit the analysed model."""
+
+
+class ExportError(VitgraphError, RuntimeError):
+    """ONNX export failed, or its output does not match torch."""

@@ -1,0 +1,230 @@
+"""Op rules for layers: linear maps, normalisation, convolution and attention."""
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .axes import Layout
+from .context import RuleContext, TensorDims
+from .rules import arg, broadcast, no_rule, norm_dim, register_rule
+
+
+def linear_dims(ctx: RuleContext, x: TensorDims, w: TensorDims, b: Optional[TensorDims]) -> TensorDims:
+    """``x @ w.T + b``: the input dim is tied to the weight's columns, the output is its rows."""
+    ctx.tie(x.dims[-1], w.dims[1], "linear")
+    ctx.role(w.dims[1], "linear_in")
+    ctx.role(w.dims[0], "linear_out")
+    if b is not None:
+        ctx.tie(w.dims[0], b.dims[0], "linear bias")
+    shape = x.shape[:-1] + (w.shape[0],)
+    return TensorDims(shape, x.dims[:-1] + (w.dims[0],), x.live)
+
+
+@register_rule(nn.Linear)
+def linear_module(ctx: RuleContext, node: fx.Node) -> Any:
+    """nn.Linear."""
+    mod = ctx.gm.get_submodule(node.target)
+    b = ctx.param(f"{node.target}.bias") if mod.bias is not None else None
+    return linear_dims(ctx, ctx.dims(node.args[0]), ctx.param(f"{node.target}.weight"), b)
+
+
+@register_rule(F.linear)
+def linear_function(ctx: RuleContext, node: fx.Node) -> Any:
+    """F.linear(x, weight, bias)."""
+    b = arg(node, 2, "bias")
+    return linear_dims(ctx, ctx.dims(node.args[0]), ctx.dims(arg(node, 1, "weight")), ctx.dims(b) if b is not None else None)
+
+
+def norm_dims(ctx: RuleContext, x: TensorDims, k: int, params: list[Optional[TensorDims]]) -> TensorDims:
+    """Normalisation over the last ``k`` dims: its affine parameters are tied to them."""
+    for p in params:
+        if p is None:
+            continue
+        for xd, pd in zip(x.dims[-k:], p.dims[-k:]):
+            ctx.tie(xd, pd, "norm")
+    for xd in x.dims[-k:]:
+        ctx.role(xd, "norm")
+    return x
+
+
+@register_rule(nn.LayerNorm, nn.RMSNorm)
+def layer_norm_module(ctx: RuleContext, node: fx.Node) -> Any:
+    """nn.LayerNorm / nn.RMSNorm."""
+    mod = ctx.gm.get_submodule(node.target)
+    ps = [ctx.param(f"{node.target}.{n}") for n in ("weight", "bias") if getattr(mod, n, None) is not None]
+    return norm_dims(ctx, ctx.dims(node.args[0]), len(mod.normalized_shape), ps)
+
+
+@register_rule(F.layer_norm, F.rms_norm)
+def layer_norm_function(ctx: RuleContext, node: fx.Node) -> Any:
+    """F.layer_norm(x, normalized_shape, weight, bias) / F.rms_norm(x, shape, weight)."""
+    shape = arg(node, 1, "normalized_shape")
+    k = len(shape) if isinstance(shape, (list, tuple)) else 1
+    ps = [ctx.dims(arg(node, 2, "weight"))]
+    if node.target is F.layer_norm:
+        ps.append(ctx.dims(arg(node, 3, "bias")))
+    return norm_dims(ctx, ctx.dims(node.args[0]), k, [p for p in ps if isinstance(p, TensorDims)])
+
+
+def channel_norm(ctx: RuleContext, x: TensorDims, params: list[Optional[TensorDims]]) -> TensorDims:
+    """Per-channel normalisation on dim 1 (batch norm, one-group or per-channel group norm)."""
+    for p in params:
+        if p is not None:
+            ctx.tie(x.dims[1], p.dims[0], "channel norm")
+    return x
+
+
+@register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def batch_norm_module(ctx: RuleContext, node: fx.Node) -> Any:
+    """nn.BatchNorm*d: weight, bias and running statistics follow the channel dim."""
+    mod = ctx.gm.get_submodule(node.target)
+    names = ("weight", "bias", "running_mean", "running_var")
+    ps = [ctx.param(f"{node.target}.{n}") for n in names if getattr(mod, n, None) is not None]
+    return channel_norm(ctx, ctx.dims(node.args[0]), ps)
+
+
+@register_rule(nn.GroupNorm)
+def group_norm_module(ctx: RuleContext, node: fx.Node) -> Any:
+    """nn.GroupNorm: prunable when it has one group or one channel per group."""
+    mod = ctx.gm.get_submodule(node.target)
+    x = ctx.dims(node.args[0])
+    ps = [ctx.param(f"{node.target}.{n}") for n in ("weight", "bias") if getattr(mod, n, None) is not None]
+    if mod.num_groups not in (1, mod.num_channels):
+        ctx.freeze(x.dims[1], "group norm", f"{mod.num_groups} groups fix the channel count per group")
+    return channel_norm(ctx, x, ps)
+
+
+def conv_dims(ctx: RuleContext, x: TensorDims, w: TensorDims, b: Optional[TensorDims], groups: int) -> TensorDims:
+    """Convolution: channels on dim 1; spatial output dims carry no channels."""
+    shp = ctx.out_shape()
+    cin = x.shape[1]
+    if groups == 1:
+        ctx.tie(x.dims[1], w.dims[1], "conv")
+        ctx.role(w.dims[1], "linear_in")
+        ctx.role(w.dims[0], "linear_out")
+    elif groups == cin and w.shape[0] == cin and w.shape[1] == 1:
+        ctx.tie(x.dims[1], w.dims[0], "depthwise conv")
+    else:
+        ctx.freeze(x.dims[1], "grouped conv", f"{groups} groups fix the channel count per group")
+        ctx.freeze(w.dims[0], "grouped conv", f"{groups} groups fix the channel count per group")
+    for kd in w.dims[2:]:
+        ctx.freeze(kd, "conv", "kernel window")
+    if b is not None:
+        ctx.tie(w.dims[0], b.dims[0], "conv bias")
+    dims = (x.dims[0], w.dims[0]) + (None,) * (len(shp) - 2)
+    return TensorDims(shp, dims, x.live)
+
+
+@register_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv_module(ctx: RuleContext, node: fx.Node) -> Any:
+    """nn.Conv*d."""
+    mod = ctx.gm.get_submodule(node.target)
+    b = ctx.param(f"{node.target}.bias") if mod.bias is not None else None
+    return conv_dims(ctx, ctx.dims(node.args[0]), ctx.param(f"{node.target}.weight"), b, mod.groups)
+
+
+@register_rule(F.conv1d, F.conv2d, F.conv3d)
+def conv_function(ctx: RuleContext, node: fx.Node) -> Any:
+    """F.conv*d(x, weight, bias, stride, padding, dilation, groups)."""
+    b = arg(node, 2, "bias")
+    groups = arg(node, 6, "groups", 1)
+    return conv_dims(ctx, ctx.dims(node.args[0]), ctx.dims(arg(node, 1, "weight")), ctx.dims(b) if b is not None else None, groups)
+
+
+@register_rule(nn.AvgPool1d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+               F.avg_pool2d, F.adaptive_avg_pool2d, F.max_pool2d, F.adaptive_avg_pool1d, F.avg_pool1d,
+               F.interpolate, nn.Upsample, F.pad, torch.roll, "roll")
+def spatial_rule(ctx: RuleContext, node: fx.Node) -> Any:
+    """Pooling, resampling, padding and rolling act on dims without channels only."""
+    x = ctx.dims(node.args[0])
+    shp = ctx.out_shape()
+    dims = []
+    for k, s in enumerate(shp):
+        lay = x.dims[k] if k < len(x.dims) else None
+        if lay is not None and x.shape[k] != s:
+            ctx.freeze(lay, "spatial op", "the op changes the size of a channel dim")
+            lay = None
+        dims.append(lay)
+    if node.target in (torch.roll, "roll"):
+        shifts_dims = arg(node, 2, "dims")
+        rolled = shifts_dims if isinstance(shifts_dims, (list, tuple)) else [shifts_dims]
+        for d in rolled:
+            if d is not None:
+                ctx.freeze(x.dims[norm_dim(int(d), len(x.shape))], "roll", "channels rolled")
+    return TensorDims(shp, tuple(dims), x.live)
+
+
+# ---------------------------------------------------------------------------------------------
+# matrix products and attention
+
+
+@register_rule(operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "__matmul__")
+def matmul_rule(ctx: RuleContext, node: fx.Node) -> Any:
+    """``a @ b``: contraction dims tied; between two activations they are attention dims."""
+    a, b = ctx.dims(node.args[0]), ctx.dims(node.args[1])
+    if not isinstance(a, TensorDims) or not isinstance(b, TensorDims) or len(a.shape) < 2 or len(b.shape) < 2:
+        return no_rule(ctx, node)
+    shp = ctx.out_shape()
+    ctx.tie(a.dims[-1], b.dims[-2], "matmul")
+    both_live = a.live and b.live
+    batch = broadcast(ctx, [TensorDims(a.shape[:-2], a.dims[:-2], a.live), TensorDims(b.shape[:-2], b.dims[:-2], b.live)], shp[:-2], "matmul batch")
+    if both_live:
+        ctx.role(a.dims[-1], "qk")
+        ctx.role(b.dims[-1], "v")
+        for lay in batch.dims:
+            ctx.role(lay, "head")
+    elif a.live and not b.live:
+        ctx.role(b.dims[-2], "linear_in")
+        ctx.role(b.dims[-1], "linear_out")
+    return TensorDims(shp, batch.dims + (a.dims[-2], b.dims[-1]), a.live or b.live)
+
+
+@register_rule(F.scaled_dot_product_attention)
+def sdpa_rule(ctx: RuleContext, node: fx.Node) -> Any:
+    """softmax(q k^T * scale + mask) v: q/k dims tied (qk), v's dim is the output (v)."""
+    q, k, v = (ctx.dims(arg(node, i, n)) for i, n in enumerate(("query", "key", "value")))
+    shp = ctx.out_shape()
+    ctx.tie(q.dims[-1], k.dims[-1], "attention qk")
+    ctx.role(q.dims[-1], "qk")
+    ctx.role(v.dims[-1], "v")
+    parts = [TensorDims(t.shape[:-2], t.dims[:-2], t.live) for t in (q, k, v)]
+    mask = ctx.dims(arg(node, 3, "attn_mask"))
+    if isinstance(mask, TensorDims) and len(mask.shape) > 2:
+        parts.append(TensorDims(mask.shape[:-2], mask.dims[:-2], mask.live))
+    batch = broadcast(ctx, parts, shp[:-2], "attention heads")
+    for lay in batch.dims:
+        ctx.role(lay, "head")
+    return TensorDims(shp, batch.dims + (q.dims[-2], v.dims[-1]), True)
+
+
+@register_rule(torch.einsum)
+def einsum_rule(ctx: RuleContext, node: fx.Node) -> Any:
+    """Einsum: equal letters are tied; a letter summed between two activations is a qk dim."""
+    eq = node.args[0]
+    ops = node.args[1:]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = ops[0]
+    tds = [ctx.dims(o) for o in ops]
+    if "..." in eq or "->" not in eq or not all(isinstance(t, TensorDims) for t in tds):
+        return no_rule(ctx, node)
+    lhs, out = eq.replace(" ", "").split("->")
+    terms = lhs.split(",")
+    shp = ctx.out_shape()
+    seen: dict[str, tuple[Optional[Layout], int, bool]] = {}
+    for term, td in zip(terms, tds):
+        for ch, lay, s in zip(term, td.dims, td.shape):
+            if ch in seen:
+                prev, ps, plive = seen[ch]
+                if s == ps and s != 1:
+                    ctx.tie(prev, lay, "einsum")
+                    if ch not in out and plive and td.live:
+                        ctx.role(lay, "qk")
+            else:
+                seen[ch] = (lay, s, td.live)
+    dims = tuple(seen[ch][0] if seen[ch][1] == s else None for ch, s in zip(out, shp))
+    return TensorDims(shp, dims, any(t.live for t in tds))

@@ -1,0 +1,101 @@
+"""Tracing a model to a torch.fx GraphModule annotated with tensor shapes."""
+from __future__ import annotations
+
+import linecache
+import traceback
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import TraceError
+
+
+def _timm_registries() -> tuple[set[type], set[Callable]]:
+    """timm's registered not-traceable modules and functions (empty without timm)."""
+    try:
+        from timm.layers import _fx
+    except ImportError:  # pragma: no cover - timm is a dependency, but keep tracing usable
+        return set(), set()
+    return set(getattr(_fx, "_leaf_modules", ())), set(getattr(_fx, "_autowrap_functions", ()))
+
+
+class ViTTracer(fx.Tracer):
+    """fx tracer that records which module is being traced, so errors can name it.
+
+    With ``honour_timm`` the modules and functions that timm registers as not traceable stay
+    opaque (leaf modules / wrapped calls); otherwise every Python module is traced through.
+    """
+
+    def __init__(self, honour_timm: bool = False) -> None:
+        leaves, funcs = _timm_registries() if honour_timm else (set(), set())
+        super().__init__(autowrap_functions=tuple(funcs))
+        self._leaf_types = tuple(leaves)
+        self.module_path: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        self.module_path.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.module_path.pop()
+
+
+def _user_frame(exc: BaseException) -> str:
+    """'file:line: code' of the deepest frame outside torch.fx, where tracing broke."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/fx/" not in f.filename]
+    if not frames:
+        return "unknown location"
+    f = frames[-1]
+    code = (f.line or linecache.getline(f.filename, f.lineno)).strip()
+    return f"{f.filename}:{f.lineno}: {code}"
+
+
+def _trace_once(model: nn.Module, honour_timm: bool) -> fx.GraphModule:
+    tracer = ViTTracer(honour_timm)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # noqa: BLE001 - every tracing failure becomes one typed error
+        where = tracer.module_path[-1] if tracer.module_path else "<root>"
+        mod = model.get_submodule(where) if where not in ("", "<root>") else model
+        raise TraceError(
+            f"cannot trace module '{where or '<root>'}' ({type(mod).__name__}): "
+            f"{type(e).__name__}: {e} -- at {_user_frame(e)}"
+        ) from e
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+    """Trace ``model`` and annotate every node with its tensor metadata (``node.meta['tensor_meta']``).
+
+    Tracing first goes through every module; if that fails it retries with timm's registered
+    leaf modules and wrapped functions kept opaque (their channels are then frozen by the
+    analysis), and raises :class:`TraceError` naming the module and source line if both fail.
+    """
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        try:
+            gm = _trace_once(model, honour_timm=False)
+        except TraceError as first:
+            try:
+                gm = _trace_once(model, honour_timm=True)
+            except TraceError:
+                raise first from None
+        gm.meta["vitgraph.honour_timm"] = False
+        with torch.no_grad():
+            try:
+                ShapeProp(gm).propagate(*example_inputs)
+            except Exception as e:  # noqa: BLE001
+                raise TraceError(f"traced graph does not run on the example inputs: {type(e).__name__}: {e}") from e
+    finally:
+        for m, t in was_training.items():
+            m.training = t
+    return gm
