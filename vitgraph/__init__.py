@@ -1,1 +1,17 @@
-"""vitgraph: structured pruning of Vision Transformers as torch.fx passes."""
+"""vitgraph: structured pruning of Vision Transformers as torch.fx passes.
+
+    an = vitgraph.analyze(model, example_inputs)
+    plan = vitgraph.Plan.from_scores(an, scores=None, ratio=0.5)
+    slim = vitgraph.compress(model, plan)
+"""
+from .analysis import Analysis, ChannelGroup, FrozenChannels, analyze
+from .api import compress, mask
+from .errors import AnalysisError, ExportError, PlanError, TraceError, VitgraphError
+from .plan import Plan
+from .rules import register_rule
+
+__all__ = [
+    "Analysis", "ChannelGroup", "FrozenChannels", "Plan", "analyze", "compress", "mask",
+    "register_rule", "TraceError", "PlanError", "AnalysisError", "ExportError", "VitgraphError",
+]
+__version__ = "0.1.0"

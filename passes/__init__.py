@@ -1,0 +1,1 @@
+"""Score and rewrite passes (installed as vitgraph.passes)."""

@@ -1,0 +1,369 @@
+"""Slim rewrite pass: slice parameters and rewrite every shape constant a plan changes.
+
+The pass copies the analysed GraphModule, slices each parameter along the dims whose channels the
+plan removes, updates leaf modules (``in_features``, ``normalized_shape``, ...) and rewrites the
+arguments of shape-carrying ops (``reshape(B, N, C)``, split sizes, slices, layer-norm shapes).
+When the head dimension of ``q``/``k`` shrinks, attention keeps the original scale.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import operator
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from vitgraph.context import META_KEY, TensorDims, _get_tensor
+from vitgraph.errors import PlanError
+from vitgraph.selection import RaggedSectionsError, Selection
+
+Rewrite = Callable[["RewriteContext", fx.Node], None]
+REWRITES: dict[Union[Callable, str, type], Rewrite] = {}
+
+
+def register_rewrite(*targets: Union[Callable, str, type]) -> Callable[[Rewrite], Rewrite]:
+    """Decorator: rewrite nodes of these targets (functions, method names, module types)."""
+
+    def deco(fn: Rewrite) -> Rewrite:
+        for t in targets:
+            REWRITES[t] = fn
+        return fn
+
+    return deco
+
+
+class RewriteContext:
+    """What a rewrite sees: old dims of each node, the plan's selection, the new module."""
+
+    def __init__(self, sel: Selection, root: nn.Module) -> None:
+        self.sel = sel
+        self.root = root
+
+    def dims(self, a: Any) -> Any:
+        """Original dims recorded on a node by the analysis."""
+        return a.meta.get(META_KEY) if isinstance(a, fx.Node) else None
+
+    def new_shape(self, td: TensorDims) -> tuple[int, ...]:
+        """Shape of a value after the plan."""
+        return tuple(self.sel.size(lay, s) for lay, s in zip(td.dims, td.shape))
+
+
+def slim(analysis: Any, sel: Selection) -> fx.GraphModule:
+    """A new GraphModule with the plan applied; the analysed model is not touched."""
+    gm = analysis.graph_module
+    memo: dict[int, Any] = {}
+    for name, td in analysis.params.items():
+        t = _get_tensor(gm, name)
+        new = _slice(t, [sel.kept(lay) if lay is not None else None for lay in td.dims])
+        if new is not None:
+            memo[id(t)] = new
+    root = copy.deepcopy(gm, memo)
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    rc = RewriteContext(sel, root)
+    split_ragged_sections(rc, graph, analysis.store)
+    for node in list(graph.nodes):
+        fn = _lookup(root, node)
+        if fn is None or META_KEY not in node.meta:
+            continue
+        try:
+            fn(rc, node)
+        except RaggedSectionsError as e:
+            raise PlanError(f"cannot rewrite {node.format_node()}: {e}") from e
+    graph.lint()
+    new = fx.GraphModule(root, graph, gm.__class__.__name__)
+    new.train(gm.training)
+    return new
+
+
+def _slice(t: torch.Tensor, kept: list[Optional[np.ndarray]]) -> Optional[torch.Tensor]:
+    out = t.detach()
+    changed = False
+    for d, idx in enumerate(kept):
+        if idx is not None and len(idx) != t.shape[d]:
+            out = out.index_select(d, torch.as_tensor(idx, dtype=torch.long, device=t.device))
+            changed = True
+    if not changed:
+        return None
+    out = out.clone().contiguous()
+    return nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else out
+
+
+def _lookup(root: nn.Module, node: fx.Node) -> Optional[Rewrite]:
+    if node.op == "call_module":
+        mod = root.get_submodule(node.target)
+        for cls in type(mod).__mro__:
+            if cls in REWRITES:
+                return REWRITES[cls]
+        return None
+    if node.op in ("call_function", "call_method"):
+        return REWRITES.get(node.target)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# shape constants
+
+
+def _replace_sizes(args: list, old: tuple, new: tuple) -> list:
+    """Shape arguments with every changed channel dim set to its new size (-1 stays -1)."""
+    return [n if (o != n and not (isinstance(a, int) and a == -1)) else a for a, o, n in zip(args, old, new)]
+
+
+@register_rewrite("reshape", "view", torch.reshape, "expand")
+def rewrite_reshape(rc: RewriteContext, node: fx.Node) -> None:
+    """reshape/view/expand: the target shape follows the new channel counts."""
+    td = rc.dims(node)
+    new = rc.new_shape(td)
+    if new == td.shape:
+        return
+    if node.op == "call_method":
+        rest = list(node.args[1:])
+        packed = len(rest) == 1 and isinstance(rest[0], (list, tuple))
+        shape = list(rest[0]) if packed else rest
+        shape = _replace_sizes(shape, td.shape, new)
+        node.args = (node.args[0], tuple(shape)) if packed else (node.args[0], *shape)
+    else:
+        key = 1 if len(node.args) > 1 else None
+        shape = list(node.args[1] if key else node.kwargs["shape"])
+        shape = _replace_sizes(shape, td.shape, new)
+        if key:
+            node.args = (node.args[0], tuple(shape))
+        else:
+            node.kwargs = {**node.kwargs, "shape": tuple(shape)}
+
+
+@register_rewrite("unflatten", torch.unflatten)
+def rewrite_unflatten(rc: RewriteContext, node: fx.Node) -> None:
+    """unflatten(dim, sizes): sizes follow the new channel counts."""
+    td = rc.dims(node)
+    new = rc.new_shape(td)
+    if new == td.shape:
+        return
+    dim, sizes = node.args[1], list(node.args[2])
+    dim = dim + len(rc.dims(node.args[0]).shape) if dim < 0 else dim
+    sizes = _replace_sizes(sizes, td.shape[dim:dim + len(sizes)], new[dim:dim + len(sizes)])
+    node.args = (node.args[0], dim, tuple(sizes))
+
+
+@register_rewrite(F.layer_norm, F.rms_norm)
+def rewrite_layer_norm(rc: RewriteContext, node: fx.Node) -> None:
+    """normalized_shape follows the new width."""
+    x = rc.dims(node.args[0])
+    shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
+    k = len(shape) if isinstance(shape, (list, tuple)) else 1
+    new = list(rc.new_shape(x)[-k:])
+    if len(node.args) > 1:
+        node.args = (node.args[0], new, *node.args[2:])
+    else:
+        node.kwargs = {**node.kwargs, "normalized_shape": new}
+
+
+@register_rewrite(F.scaled_dot_product_attention)
+def rewrite_sdpa(rc: RewriteContext, node: fx.Node) -> None:
+    """Keep the original attention scale when the q/k head dim shrinks."""
+    q = rc.dims(node.args[0] if node.args else node.kwargs["query"])
+    old, new = q.shape[-1], rc.new_shape(q)[-1]
+    if old != new and node.kwargs.get("scale") is None and len(node.args) < 7:
+        node.kwargs = {**node.kwargs, "scale": 1.0 / math.sqrt(old)}
+
+
+@register_rewrite("split", torch.split, "chunk", torch.chunk)
+def rewrite_split(rc: RewriteContext, node: fx.Node) -> None:
+    """split/chunk along a pruned dim become a split with the new part sizes."""
+    parts = rc.dims(node)
+    x = rc.dims(node.args[0])
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    dim = dim + len(x.shape) if dim < 0 else dim
+    sizes = [rc.new_shape(p)[dim] for p in parts]
+    if sizes == [p.shape[dim] for p in parts]:
+        return
+    node.op, node.target = "call_function", torch.split
+    node.args, node.kwargs = (node.args[0], sizes, dim), {}
+
+
+@register_rewrite(operator.getitem)
+def rewrite_getitem(rc: RewriteContext, node: fx.Node) -> None:
+    """Slices of a pruned channel dim get new bounds."""
+    x = rc.dims(node.args[0])
+    idx = node.args[1]
+    if not isinstance(x, TensorDims):
+        return
+    items = list(idx) if isinstance(idx, tuple) else [idx]
+    n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
+    dim, changed, out = 0, False, []
+    for it in items:
+        if it is Ellipsis:
+            out.append(it)
+            dim += len(x.shape) - n_real
+            continue
+        if it is None:
+            out.append(it)
+            continue
+        lay = x.dims[dim]
+        if isinstance(it, slice) and lay is not None and all(isinstance(v, (int, type(None))) for v in (it.start, it.stop, it.step)):
+            kept = rc.sel.kept(lay)
+            if len(kept) != x.shape[dim]:
+                start, stop, _ = it.indices(x.shape[dim])
+                it = slice(int(np.searchsorted(kept, start)), int(np.searchsorted(kept, stop)), it.step)
+                changed = True
+        out.append(it)
+        dim += 1
+    if changed:
+        node.args = (node.args[0], tuple(out) if isinstance(idx, tuple) else out[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# leaf modules
+
+
+@register_rewrite(nn.Linear)
+def rewrite_linear(rc: RewriteContext, node: fx.Node) -> None:
+    """Linear sizes follow its (sliced) weight."""
+    m = rc.root.get_submodule(node.target)
+    m.out_features, m.in_features = m.weight.shape
+
+
+@register_rewrite(nn.LayerNorm, nn.RMSNorm)
+def rewrite_norm_module(rc: RewriteContext, node: fx.Node) -> None:
+    """normalized_shape follows the new width."""
+    m = rc.root.get_submodule(node.target)
+    k = len(m.normalized_shape)
+    m.normalized_shape = tuple(rc.new_shape(rc.dims(node.args[0]))[-k:])
+
+
+@register_rewrite(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def rewrite_conv(rc: RewriteContext, node: fx.Node) -> None:
+    """Conv channel counts (and depthwise groups) follow the weight."""
+    m = rc.root.get_submodule(node.target)
+    cin = rc.new_shape(rc.dims(node.args[0]))[1]
+    if m.groups > 1 and m.groups == m.in_channels:
+        m.groups = cin
+    m.in_channels, m.out_channels = cin, m.weight.shape[0]
+
+
+@register_rewrite(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+def rewrite_batch_norm(rc: RewriteContext, node: fx.Node) -> None:
+    """num_features follows the new width."""
+    m = rc.root.get_submodule(node.target)
+    m.num_features = rc.new_shape(rc.dims(node.args[0]))[1]
+
+
+@register_rewrite(nn.GroupNorm)
+def rewrite_group_norm(rc: RewriteContext, node: fx.Node) -> None:
+    """num_channels (and per-channel groups) follow the new width."""
+    m = rc.root.get_submodule(node.target)
+    c = rc.new_shape(rc.dims(node.args[0]))[1]
+    if m.num_groups == m.num_channels:
+        m.num_groups = c
+    m.num_channels = c
+
+
+# ---------------------------------------------------------------------------------------------
+# fused projections whose sections end at different sizes
+
+
+_VIEW_CHAIN = ("permute", "transpose", "contiguous", torch.permute, torch.transpose)
+
+
+def split_ragged_sections(rc: RewriteContext, graph: fx.Graph, store: Any) -> None:
+    """Rewrite ``reshape -> permute* -> unbind`` of a fused projection whose sections differ.
+
+    ``qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)`` cannot hold q/k and v of
+    different head dims, so the projection output is narrowed into its sections and each is
+    reshaped and permuted on its own, with the section dim removed.
+    """
+    for node in list(graph.nodes):
+        if node.target not in ("reshape", "view", torch.reshape) or META_KEY not in node.meta:
+            continue
+        td = rc.dims(node)
+        try:
+            rc.new_shape(td)
+            continue
+        except RaggedSectionsError:
+            pass
+        _split_one(rc, graph, store, node, td)
+
+
+def _split_one(rc: RewriteContext, graph: fx.Graph, store: Any, node: fx.Node, td: TensorDims) -> None:
+    f = store.find
+    spos = [k for k, lay in enumerate(td.dims) if lay is not None and len(lay) == 1 and len(lay[0]) == 1
+            and f(lay[0][0]) in store.stale and not store.stale[f(lay[0][0])]]
+    src = node.args[0]
+    x = rc.dims(src)
+    cdim = [k for k, lay in enumerate(x.dims) if lay is not None]
+    if len(spos) != 1 or len(cdim) != 1:
+        raise PlanError(f"cannot split the sections of {node.format_node()}")
+    s, c = spos[0], cdim[0]
+    parent = x.dims[c]
+    blocks = store.expand(parent)
+    chain, pos = [], s
+    cur = node
+    while len(cur.users) == 1 and next(iter(cur.users)).target in _VIEW_CHAIN:
+        cur = next(iter(cur.users))
+        chain.append(cur)
+    terminal_users = list(cur.users)
+    outs: list[fx.Node] = []
+    offset = 0
+    shape_args = list(node.args[1:]) if node.op == "call_method" else list(node.args[1])
+    if len(shape_args) == 1 and isinstance(shape_args[0], (list, tuple)):
+        shape_args = list(shape_args[0])
+    for i, blk in enumerate(blocks):
+        n_i = rc.sel.size(((blk),), 0)
+        sub = {a: store.stale[a][i] for a in store.stale if store.stale[a]}
+        with graph.inserting_before(terminal_users[0] if terminal_users else None):
+            part = graph.call_function(torch.narrow, (src, c, offset, n_i))
+            dims = [tuple(tuple(sub.get(f(a), a) for a in b) for b in lay) if lay is not None else None for lay in td.dims]
+            new = [rc.sel.size(lay, old) for lay, old in zip(dims, td.shape)]
+            args = [a if n == o else n for a, o, n in zip(shape_args, td.shape, new)]
+            del args[s]
+            cur_i = graph.call_method("reshape", (part, *args))
+            p = s
+            for op in chain:
+                cur_i, p = _replay(graph, op, cur_i, p)
+            outs.append((cur_i, p))
+        offset += n_i
+    positions = {p for _, p in outs}
+    for u in terminal_users:
+        if u.target in ("unbind", torch.unbind):
+            dim = u.args[1] if len(u.args) > 1 else u.kwargs.get("dim", 0)
+            if positions != {dim % (len(td.shape))}:
+                raise PlanError(f"cannot split the sections of {node.format_node()}: unbind over another dim")
+            for g in list(u.users):
+                g.replace_all_uses_with(outs[g.args[1]][0])
+                graph.erase_node(g)
+            graph.erase_node(u)
+        elif u.target is operator.getitem and isinstance(u.args[1], int) and positions == {0}:
+            u.replace_all_uses_with(outs[u.args[1]][0])
+            graph.erase_node(u)
+        else:
+            raise PlanError(f"cannot split the sections of {node.format_node()}: used by {u.format_node()}")
+    for op in reversed(chain):
+        graph.erase_node(op)
+    graph.erase_node(node)
+
+
+def _replay(graph: fx.Graph, op: fx.Node, x: fx.Node, s: int) -> tuple[fx.Node, int]:
+    """Apply a view op to one section (the section dim ``s`` removed); new section position."""
+    if op.target == "contiguous":
+        return graph.call_method("contiguous", (x,)), s
+    if op.target in ("permute", torch.permute):
+        order = list(op.args[1:]) if op.target == "permute" else list(op.args[1])
+        if len(order) == 1 and isinstance(order[0], (list, tuple)):
+            order = list(order[0])
+        n = len(order)
+        order = [o % n for o in order]
+        new_pos = order.index(s)
+        rest = [o - (o > s) for o in order if o != s]
+        return graph.call_method("permute", (x, *rest)), new_pos
+    a, b = (d for d in op.args[1:3])
+    n = 1 + max(abs(a), abs(b)) + 8
+    if s in (a, b):
+        raise PlanError(f"cannot split sections through {op.format_node()}")
+    return graph.call_method("transpose", (x, a - (a > s), b - (b > s))), s
