@@ -20,23 +20,30 @@ def magnitude_scores(analysis: "Analysis", group_ids: Optional[Iterable[str]] = 
     ids = set(group_ids) if group_ids is not None else {g.id for g in analysis.groups}
     tensors = dict(analysis.graph_module.named_parameters())
     tensors.update(dict(analysis.graph_module.named_buffers()))
+    sq_cache: dict[tuple[str, int], np.ndarray] = {}
     out = {}
     for g in analysis.groups:
         if g.id in ids:
-            out[g.id] = torch.from_numpy(_group_sq_norms(analysis, g, tensors)).sqrt()
+            out[g.id] = torch.from_numpy(_group_sq_norms(analysis, g, tensors, sq_cache)).sqrt()
     return out
 
 
-def _group_sq_norms(analysis: "Analysis", g: "ChannelGroup", tensors: dict) -> np.ndarray:
+def slice_sq_norms(t: torch.Tensor, dim: int) -> np.ndarray:
+    """Squared L2 norm of every slice of ``t`` along ``dim``."""
+    a = t.detach().float().cpu().numpy()
+    other = tuple(d for d in range(a.ndim) if d != dim)
+    return np.square(a, dtype=np.float64).sum(axis=other) if other else np.square(a, dtype=np.float64)
+
+
+def _group_sq_norms(analysis: "Analysis", g: "ChannelGroup", tensors: dict, cache: dict) -> np.ndarray:
     store = analysis.store
     head = analysis.group(g.head_group) if g.per_head else None
     acc = np.zeros((head.size, g.size) if head else g.size)
     for name, dim in g.params:
-        t = tensors[name].detach().float()
+        if (name, dim) not in cache:
+            cache[name, dim] = slice_sq_norms(tensors[name], dim)
+        sq = cache[name, dim]
         lay = analysis.params[name].dims[dim]
-        # squared norm of each slice along ``dim``
-        other = [d for d in range(t.dim()) if d != dim]
-        sq = (t.pow(2).sum(other) if other else t.pow(2)).numpy().astype(np.float64)
         _, coords = layout_coords(store, lay)
         c = coords[g.axis]
         valid = c >= 0

@@ -62,7 +62,7 @@ def slim(analysis: Any, sel: Selection) -> fx.GraphModule:
         new = _slice(t, [sel.kept(lay) if lay is not None else None for lay in td.dims])
         if new is not None:
             memo[id(t)] = new
-    root = copy.deepcopy(gm, memo)
+    root = _copy_state(gm, memo)
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
@@ -82,6 +82,18 @@ def slim(analysis: Any, sel: Selection) -> fx.GraphModule:
     return new
 
 
+def _copy_state(gm: fx.GraphModule, memo: dict[int, Any]) -> nn.Module:
+    """A module holding deep copies of ``gm``'s submodules and tensors (no graph, no code)."""
+    root = nn.Module()
+    for name, mod in gm.named_children():
+        setattr(root, name, copy.deepcopy(mod, memo))
+    for name, p in gm._parameters.items():
+        root.register_parameter(name, copy.deepcopy(p, memo))
+    for name, b in gm._buffers.items():
+        root.register_buffer(name, copy.deepcopy(b, memo))
+    return root
+
+
 def _slice(t: torch.Tensor, kept: list[Optional[np.ndarray]]) -> Optional[torch.Tensor]:
     out = t.detach()
     changed = False
@@ -91,7 +103,7 @@ def _slice(t: torch.Tensor, kept: list[Optional[np.ndarray]]) -> Optional[torch.
             changed = True
     if not changed:
         return None
-    out = out.clone().contiguous()
+    out = out.contiguous()
     return nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else out
 
 

@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from .errors import TraceError
 
@@ -92,10 +92,41 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphM
         gm.meta["vitgraph.honour_timm"] = False
         with torch.no_grad():
             try:
-                ShapeProp(gm).propagate(*example_inputs)
-            except Exception as e:  # noqa: BLE001
-                raise TraceError(f"traced graph does not run on the example inputs: {type(e).__name__}: {e}") from e
+                MetaShapeProp(gm).run(*(t.to("meta") for t in example_inputs))
+            except Exception:  # noqa: BLE001 - an op without a meta kernel: run it for real
+                try:
+                    ShapeProp(gm).propagate(*example_inputs)
+                except Exception as e:  # noqa: BLE001
+                    raise TraceError(f"traced graph does not run on the example inputs: {type(e).__name__}: {e}") from e
     finally:
         for m, t in was_training.items():
             m.training = t
     return gm
+
+
+class MetaShapeProp(fx.Interpreter):
+    """Shape propagation on the meta device: no data is computed, parameters are not copied."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        meta = _tensor_meta(result)
+        if meta is not None:
+            n.meta["tensor_meta"] = meta
+        return result
+
+    def fetch_attr(self, target: str) -> Any:
+        t = super().fetch_attr(target)
+        return t.to("meta") if isinstance(t, torch.Tensor) else t
+
+    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
+        mod = self.fetch_attr(target)
+        state = {k: v.to("meta") for k, v in list(mod.named_parameters()) + list(mod.named_buffers())}
+        return torch.func.functional_call(mod, state, args, kwargs)
+
+
+def _tensor_meta(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return _extract_tensor_metadata(v)
+    if isinstance(v, (list, tuple)) and v and all(isinstance(x, torch.Tensor) for x in v):
+        return tuple(_extract_tensor_metadata(x) for x in v)
+    return None

@@ -1,0 +1,176 @@
+"""Tests for vitgraph.export (ONNX export + parity) and vitgraph.measure (params, FLOPs, latency)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from torch import nn
+
+from vitgraph import export as export_mod
+from vitgraph.export import ExportError, export_onnx, onnx_op_types
+from vitgraph.measure import (
+    LatencyStats,
+    count_flops,
+    count_params,
+    format_table,
+    machine_info,
+    measure_latency,
+    ort_runner,
+    torch_runner,
+    write_results_md,
+)
+
+
+def tiny_vit(embed_dim: int = 64, num_heads: int = 2) -> nn.Module:
+    """A 2-block ViT on 32x32 images with random weights."""
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=embed_dim,
+        num_heads=num_heads,
+        num_classes=10,
+    )
+
+
+@pytest.fixture(scope="module")
+def vit() -> nn.Module:
+    return tiny_vit()
+
+
+@pytest.fixture(scope="module")
+def image() -> torch.Tensor:
+    return torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def test_export_tiny_vit_parity_and_dynamic_batch(vit, image, tmp_path):
+    vit.train()  # export must use eval mode and restore training afterwards
+    before = image.clone()
+    report = export_onnx(vit, tmp_path / "vit.onnx", image)
+    assert vit.training and all(m.training for m in vit.modules())
+    assert torch.equal(image, before)
+    assert report.path.exists() and report.checked
+    assert report.max_abs_diff < 1e-4
+    assert report.n_nodes > 0
+    assert {"MatMul", "Softmax"} <= set(report.op_types) or "Attention" in report.op_types
+    assert list(report.op_types) == sorted(report.op_types)
+    assert set(report.op_types) == onnx_op_types(report.path)
+
+    # The batch axis must be symbolic: run batch 1 and 3 through onnxruntime directly.
+    vit.eval()
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 32, 32)
+        (got,) = ort_runner(report.path, x)()
+        with torch.no_grad():
+            want = vit(x).numpy()
+        assert got.shape == (batch, 10)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_export_fx_traced_vit(vit, image, tmp_path):
+    traced = torch.fx.symbolic_trace(vit.eval())
+    report = export_onnx(traced, tmp_path / "traced.onnx", image, simplify=True)
+    assert report.path.exists() and report.checked
+    assert report.max_abs_diff < 1e-4
+
+
+def test_export_multi_input_module(tmp_path):
+    class Add(nn.Module):
+        def forward(self, a, b):
+            return a + b, a * b
+
+    a, b = torch.randn(2, 4), torch.randn(2, 4)
+    report = export_onnx(Add(), tmp_path / "add.onnx", (a, b))
+    assert report.op_types == ("Add", "Mul")
+
+
+def test_export_parity_failure_raises(vit, image, tmp_path, monkeypatch):
+    real_run = export_mod._run_ort
+
+    def broken(path, inputs):
+        return [out + 1.0 for out in real_run(path, inputs)]
+
+    monkeypatch.setattr(export_mod, "_run_ort", broken)
+    with pytest.raises(ExportError, match="max abs diff 1.0"):
+        export_onnx(vit, tmp_path / "broken.onnx", image)
+
+
+def test_export_rejects_non_tensor_input(vit, tmp_path):
+    with pytest.raises(TypeError, match="example input 0"):
+        export_onnx(vit, tmp_path / "x.onnx", ([1.0, 2.0],))
+
+
+# ----------------------------------------------------------------------------- measure
+
+
+def test_count_params_matches_numel(vit):
+    assert count_params(vit) == sum(p.numel() for p in vit.parameters())
+
+
+def test_count_params_counts_tied_and_frozen_once():
+    lin = nn.Linear(4, 4)
+    tied = nn.Sequential(lin, lin)
+    tied[0].bias.requires_grad_(False)
+    assert count_params(tied) == 4 * 4 + 4
+
+
+def test_count_flops_linear():
+    assert count_flops(nn.Linear(64, 32), torch.randn(5, 64)) == 2 * 5 * 64 * 32
+
+
+def test_count_flops_attention_fused_and_unfused(vit, image):
+    vit.eval()
+    fused = count_flops(vit, image)
+    for block in vit.blocks:
+        block.attn.fused_attn = False
+    try:
+        unfused = count_flops(vit, image)
+    finally:
+        for block in vit.blocks:
+            block.attn.fused_attn = True
+    assert fused == unfused
+    # Attention matmuls q@k^T and attn@v: 2 FLOPs/MAC * 2 matmuls * N^2 * D per block, N=17 tokens.
+    attn = 2 * 2 * 17 * 17 * 64 * len(vit.blocks)
+    without_attention = count_flops(nn.Sequential(vit.patch_embed), image)
+    assert fused > attn + without_attention
+    assert count_flops(tiny_vit(embed_dim=64), image) > count_flops(tiny_vit(embed_dim=32), image)
+
+
+def test_measure_latency_interleaved(vit, image, tmp_path):
+    path = export_onnx(vit, tmp_path / "lat.onnx", image, check=False).path
+    stats = measure_latency(
+        {"torch": torch_runner(vit.eval(), image), "ort": ort_runner(path, image, threads=1)},
+        warmup=1,
+        reps=3,
+        rounds=2,
+    )
+    assert set(stats) == {"torch", "ort"}
+    for s in stats.values():
+        assert isinstance(s, LatencyStats)
+        assert s.n == 6 and 0 < s.p10_ms <= s.median_ms <= s.p90_ms
+
+
+def test_measure_latency_rejects_empty():
+    with pytest.raises(ValueError):
+        measure_latency({})
+
+
+def test_write_results_md_and_format_table(tmp_path):
+    rows = [{"model": "vit", "ms": 1.23456, "flops": 100}, {"model": "deit", "ms": 2.0, "flops": 7}]
+    path = write_results_md("unit", "Unit test", rows, notes="hello", results_dir=tmp_path)
+    text = path.read_text()
+    assert path == tmp_path / "unit.md"
+    assert "# Unit test" in text and "| model | ms | flops |" in text and "1.235" in text
+    assert "hello" in text and machine_info()["torch"] in text
+    table = format_table(rows)
+    assert table.splitlines()[0].split() == ["model", "ms", "flops"]
+    with pytest.raises(ValueError):
+        write_results_md("../escape", "x", rows, results_dir=tmp_path)

@@ -1,0 +1,164 @@
+"""The ``vitgraph`` console command: inspect, explain, compress, export, check-24."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+from torch import nn
+
+from .errors import VitgraphError
+
+
+@contextlib.contextmanager
+def step(msg: str) -> Iterator[None]:
+    """Print a progress line for one long step, with its duration."""
+    print(f"  {msg} ...", end="", flush=True)
+    t0 = time.perf_counter()
+    yield
+    print(f" done ({time.perf_counter() - t0:.2f} s)", flush=True)
+
+
+def load_model(spec: str, input_size: Optional[str]) -> tuple[nn.Module, torch.Tensor]:
+    """A model from a timm name (random weights) or a saved module, and an example input."""
+    path = Path(spec)
+    if path.exists():
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+        if isinstance(obj, dict):
+            raise VitgraphError(f"{spec} holds a state dict; save the whole module (torch.save(model, path)) instead")
+        model = obj
+        if input_size is None:
+            raise VitgraphError(f"--input-size is required for a saved module ({spec})")
+    else:
+        import timm
+
+        try:
+            model = timm.create_model(spec, pretrained=False)
+        except RuntimeError as e:
+            raise VitgraphError(f"{spec!r} is neither a file nor a timm model name: {e}") from e
+        if input_size is None:
+            input_size = ",".join(str(s) for s in model.pretrained_cfg.get("input_size", (3, 224, 224)))
+    shape = [int(s) for s in input_size.split(",")]
+    return model.eval(), torch.randn(1, *shape)
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from . import analyze
+
+    model, x = load_model(a.model, a.input_size)
+    with step(f"analyzing {a.model}"):
+        an = analyze(model, x)
+    print(an.summary())
+    return 0
+
+
+def cmd_explain(a: argparse.Namespace) -> int:
+    from . import analyze
+
+    model, x = load_model(a.model, a.input_size)
+    an = analyze(model, x)
+    if a.group:
+        for gid in a.group:
+            print(an.explain(gid))
+    else:
+        for g in an.groups:
+            print(an.explain(g.id))
+        print("frozen:\n" + an.explain_frozen())
+    return 0
+
+
+def cmd_compress(a: argparse.Namespace) -> int:
+    from . import Plan, analyze, compress
+    from .export import export_onnx
+    from .measure import count_flops, count_params, measure_latency, torch_runner
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, x = load_model(a.model, a.input_size)
+    print(f"vitgraph compress {a.model} --ratio {a.ratio} --kinds {','.join(a.kinds)} -> {out}")
+    with step("analyzing"):
+        an = analyze(model, x)
+    with step("planning (magnitude scores)"):
+        plan = Plan.from_scores(an, ratio=a.ratio, kinds=a.kinds, round_to=a.round_to)
+    with step("compressing"):
+        slim = compress(model, plan)
+    (out / "plan.json").write_text(plan.to_json())
+    torch.save(slim, out / "model.pt")
+    with step("exporting ONNX and checking parity"):
+        rep = export_onnx(slim, out / "model.onnx", (x,))
+    with step("counting FLOPs and measuring latency"):
+        rows = {"dense": (count_params(model), count_flops(model, (x,))), "compressed": (count_params(slim), count_flops(slim, (x,)))}
+        lat = measure_latency({"dense": torch_runner(model, (x,)), "compressed": torch_runner(slim, (x,))}, reps=a.reps, rounds=3)
+    print(f"\n{'':<12}{'params (M)':>12}{'GFLOPs':>10}{'latency ms':>12}")
+    for k, (p, f) in rows.items():
+        print(f"{k:<12}{p / 1e6:>12.2f}{f / 1e9:>10.3f}{lat[k].median_ms:>12.2f}")
+    sp = lat["dense"].median_ms / lat["compressed"].median_ms
+    print(f"\nspeedup {sp:.2f}x (torch eager, batch 1, median); FLOPs ratio {rows['compressed'][1] / rows['dense'][1]:.3f}")
+    print(f"ONNX parity max abs diff {rep.max_abs_diff:.2e}; wrote {out}/plan.json, model.pt, model.onnx")
+    return 0
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from .export import export_onnx
+
+    model, x = load_model(a.model, a.input_size)
+    with step(f"exporting {a.model} to {a.out}"):
+        rep = export_onnx(model, a.out, (x,), opset=a.opset, simplify=a.simplify)
+    print(f"opset {rep.opset}, {rep.n_nodes} nodes, parity max abs diff {rep.max_abs_diff:.2e}; ops: {', '.join(rep.op_types)}")
+    return 0
+
+
+def cmd_check24(a: argparse.Namespace) -> int:
+    from .onnx24 import main as check_main
+
+    return check_main([a.file])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vitgraph", description="Structured pruning of Vision Transformers as torch.fx passes.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def model_cmd(name: str, help: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help)
+        s.add_argument("model", help="timm model name (random weights) or path to a saved module")
+        s.add_argument("--input-size", help="C,H,W of the example input (default: the timm config)")
+        return s
+
+    model_cmd("inspect", "print the channel groups of a model").set_defaults(fn=cmd_inspect)
+    s = model_cmd("explain", "why channels are coupled or frozen")
+    s.add_argument("group", nargs="*", help="group ids (default: all)")
+    s.set_defaults(fn=cmd_explain)
+    s = model_cmd("compress", "prune by magnitude, write plan, slim model and ONNX")
+    s.add_argument("--ratio", type=float, default=0.5, help="fraction of each selected group removed")
+    s.add_argument("--kinds", type=lambda v: v.split(","), default=["residual", "head", "qk", "v", "ffn"], help="comma-separated group kinds")
+    s.add_argument("--round-to", type=int, default=1, help="round kept channel counts to this multiple")
+    s.add_argument("--reps", type=int, default=10, help="latency repetitions per round")
+    s.add_argument("--out", required=True, help="output directory")
+    s.set_defaults(fn=cmd_compress)
+    s = model_cmd("export", "export a model to ONNX with a dynamic batch axis")
+    s.add_argument("--out", required=True)
+    s.add_argument("--opset", type=int, default=18)
+    s.add_argument("--simplify", action="store_true")
+    s.set_defaults(fn=cmd_export)
+    s = sub.add_parser("check-24", help="verify the 2:4 pattern of an ONNX file's weights")
+    s.add_argument("file")
+    s.set_defaults(fn=cmd_check24)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the console command."""
+    a = build_parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except VitgraphError as e:
+        print(f"\nvitgraph: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
