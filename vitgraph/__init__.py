@@ -6,12 +6,20 @@
 """
 from .analysis import Analysis, ChannelGroup, FrozenChannels, analyze
 from .api import compress, mask
+from .export import export_onnx
 from .errors import AnalysisError, ExportError, PlanError, TraceError, VitgraphError
 from .plan import Plan
 from .rules import register_rule
 
 __all__ = [
     "Analysis", "ChannelGroup", "FrozenChannels", "Plan", "analyze", "compress", "mask",
-    "register_rule", "TraceError", "PlanError", "AnalysisError", "ExportError", "VitgraphError",
+    "register_rule", "export_onnx", "sparsify_24", "TraceError", "PlanError", "AnalysisError", "ExportError", "VitgraphError",
 ]
 __version__ = "0.1.0"
+
+
+def sparsify_24(module, method: str = "magnitude", **options):
+    """A copy of ``module`` whose eligible Linear weights hold the 2:4 pattern (see passes.sparsity24)."""
+    from vitgraph.passes.sparsity24 import sparsify_24 as _sparsify
+
+    return _sparsify(module, method, **options)

@@ -252,30 +252,31 @@ def _build_groups(an: Analysis) -> None:
     blocks_with: dict[int, list[tuple[int, ...]]] = {}
     gm = an.graph_module
 
-    def visit_layout(lay: Optional[Layout], where: str, sink: dict[int, list[str]]) -> None:
+    def visit_layout(lay: Optional[Layout], where: str, sink: dict[int, list[str]], is_param: bool) -> None:
         if lay is None:
             return
         for blk in store.expand(lay):
             leaves = tuple(store.find(a) for a in blk)
             for a in leaves:
                 sink.setdefault(a, []).append(where)
-                blocks_with.setdefault(a, []).append(leaves)
+                if is_param:  # only parameters are sliced, so only they constrain per-head sets
+                    blocks_with.setdefault(a, []).append(leaves)
             for a in leaves:
                 d = store.defs.get(a)
                 if d is not None:
-                    visit_layout(d, where, sink)
+                    visit_layout(d, where, sink, is_param)
 
     for node in gm.graph.nodes:
         val = node.meta.get(META_KEY)
         for td in (val if isinstance(val, tuple) else (val,)):
             if isinstance(td, TensorDims) and td.live:
                 for lay in td.dims:
-                    visit_layout(lay, node.name, leaf_nodes)
+                    visit_layout(lay, node.name, leaf_nodes, False)
     leaf_params: dict[int, list[tuple[str, int]]] = {}
     for name, td in an.params.items():
         for d, lay in enumerate(td.dims):
             sink: dict[int, list[str]] = {}
-            visit_layout(lay, name, sink)
+            visit_layout(lay, name, sink, True)
             for a in sink:
                 leaf_params.setdefault(a, []).append((name, d))
     raw = []

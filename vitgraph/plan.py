@@ -42,8 +42,9 @@ class Plan:
 
     def keep(self, group_id: str, indices: Union[Sequence[int], Sequence[Sequence[int]], torch.Tensor, np.ndarray]) -> "Plan":
         """Set the kept indices of one group (validated now if the plan knows its analysis)."""
-        arr = np.asarray(indices.tolist() if isinstance(indices, torch.Tensor) else indices, dtype=object)
-        keep: Keep = [[int(i) for i in row] for row in indices] if arr.ndim == 2 else [int(i) for i in indices]
+        raw = indices.tolist() if isinstance(indices, (torch.Tensor, np.ndarray)) else list(indices)
+        nested = bool(raw) and not isinstance(raw[0], (int, np.integer))
+        keep: Keep = [[int(i) for i in row] for row in raw] if nested else [int(i) for i in raw]
         if self.analysis is not None:
             if group_id not in _ids(self.analysis):
                 _unknown(group_id)

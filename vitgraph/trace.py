@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import linecache
 import traceback
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -34,6 +34,26 @@ class ViTTracer(fx.Tracer):
         super().__init__(autowrap_functions=tuple(funcs))
         self._leaf_types = tuple(leaves)
         self.module_path: list[str] = []
+        self.failed_in: Optional[str] = None
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        """Parameters and buffers become get_attr nodes (found by identity in O(1), not by a scan)."""
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        if getattr(self, "_names_root", None) is not self.root:
+            names: dict[int, str] = {}
+            for n, p in self.root.named_parameters():
+                names.setdefault(id(p), n)
+            if self.proxy_buffer_attributes:
+                for n, b in self.root.named_buffers():
+                    names.setdefault(id(b), n)
+            self._names, self._names_root = names, self.root
+        n = self._names.get(id(attr_val))
+        if n is None:
+            return attr_val
+        if n not in parameter_proxy_cache:
+            parameter_proxy_cache[n] = self.create_proxy("get_attr", n, (), {})
+        return parameter_proxy_cache[n]
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if self._leaf_types and isinstance(m, self._leaf_types):
@@ -44,6 +64,10 @@ class ViTTracer(fx.Tracer):
         self.module_path.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.module_path[-1]  # the innermost module, recorded once
+            raise
         finally:
             self.module_path.pop()
 
@@ -63,7 +87,7 @@ def _trace_once(model: nn.Module, honour_timm: bool) -> fx.GraphModule:
     try:
         graph = tracer.trace(model)
     except Exception as e:  # noqa: BLE001 - every tracing failure becomes one typed error
-        where = tracer.module_path[-1] if tracer.module_path else "<root>"
+        where = tracer.failed_in or "<root>"
         mod = model.get_submodule(where) if where not in ("", "<root>") else model
         raise TraceError(
             f"cannot trace module '{where or '<root>'}' ({type(mod).__name__}): "

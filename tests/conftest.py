@@ -1,0 +1,47 @@
+"""Shared helpers: tiny timm ViTs with random weights and random keep-sets."""
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import timm
+import torch
+
+import vitgraph
+
+
+def tiny_vit(**kw: Any) -> torch.nn.Module:
+    """A small timm VisionTransformer (random weights, eval mode)."""
+    cfg = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3, mlp_ratio=2.0, num_classes=10)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return timm.models.vision_transformer.VisionTransformer(**cfg).eval()
+
+
+def random_plan(an: vitgraph.Analysis, kinds: tuple[str, ...], seed: int = 0, per_head: bool = True) -> vitgraph.Plan:
+    """Keep a random half of every group of the given kinds (random per-head sets where allowed)."""
+    rng = random.Random(seed)
+    plan = vitgraph.Plan.keep_all(an)
+    for g in an.groups:
+        if g.kind not in kinds:
+            continue
+        k = max(1, g.size // 2)
+        if g.per_head and per_head:
+            heads = an.group(g.head_group).size
+            plan.keep(g.id, [sorted(rng.sample(range(g.size), k)) for _ in range(heads)])
+        else:
+            plan.keep(g.id, sorted(rng.sample(range(g.size), k)))
+    return plan
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|."""
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@pytest.fixture
+def x32() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 32, 32)
