@@ -123,9 +123,22 @@ def _lookup(root: nn.Module, node: fx.Node) -> Optional[Rewrite]:
 # shape constants
 
 
-def _replace_sizes(args: list, old: tuple, new: tuple) -> list:
-    """Shape arguments with every changed channel dim set to its new size (-1 stays -1)."""
-    return [n if (o != n and not (isinstance(a, int) and a == -1)) else a for a, o, n in zip(args, old, new)]
+def _replace_sizes(args: list, old: tuple, new: tuple, dims: Optional[tuple] = None) -> list:
+    """Shape arguments with every changed channel dim set to its new size (-1 stays -1).
+
+    A channel dim given as a value read from another tensor's shape (``C`` of ``x.shape``) is
+    replaced by a constant too: that other tensor may have been pruned differently.
+    """
+    dims = dims if dims is not None else (None,) * len(args)
+    out = []
+    for a, o, n, lay in zip(args, old, new, dims):
+        if isinstance(a, int) and a == -1:
+            out.append(a)
+        elif o != n or (lay is not None and isinstance(a, fx.Node)):
+            out.append(n)
+        else:
+            out.append(a)
+    return out
 
 
 @register_rewrite("reshape", "view", torch.reshape, "expand")
@@ -133,18 +146,20 @@ def rewrite_reshape(rc: RewriteContext, node: fx.Node) -> None:
     """reshape/view/expand: the target shape follows the new channel counts."""
     td = rc.dims(node)
     new = rc.new_shape(td)
-    if new == td.shape:
-        return
     if node.op == "call_method":
         rest = list(node.args[1:])
         packed = len(rest) == 1 and isinstance(rest[0], (list, tuple))
         shape = list(rest[0]) if packed else rest
-        shape = _replace_sizes(shape, td.shape, new)
+        if len(shape) != len(new):
+            return
+        shape = _replace_sizes(shape, td.shape, new, td.dims)
         node.args = (node.args[0], tuple(shape)) if packed else (node.args[0], *shape)
     else:
         key = 1 if len(node.args) > 1 else None
         shape = list(node.args[1] if key else node.kwargs["shape"])
-        shape = _replace_sizes(shape, td.shape, new)
+        if len(shape) != len(new):
+            return
+        shape = _replace_sizes(shape, td.shape, new, td.dims)
         if key:
             node.args = (node.args[0], tuple(shape))
         else:
