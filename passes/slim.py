@@ -20,6 +20,7 @@ from torch import nn
 
 from vitgraph.context import META_KEY, TensorDims, _get_tensor
 from vitgraph.errors import PlanError
+from vitgraph.rules import lookup
 from vitgraph.selection import RaggedSectionsError, Selection
 
 Rewrite = Callable[["RewriteContext", fx.Node], None]
@@ -69,7 +70,7 @@ def slim(analysis: Any, sel: Selection) -> fx.GraphModule:
     rc = RewriteContext(sel, root)
     split_ragged_sections(rc, graph, analysis.store)
     for node in list(graph.nodes):
-        fn = _lookup(root, node)
+        fn = lookup(REWRITES, root, node)
         if fn is None or META_KEY not in node.meta:
             continue
         try:
@@ -105,18 +106,6 @@ def _slice(t: torch.Tensor, kept: list[Optional[np.ndarray]]) -> Optional[torch.
         return None
     out = out.contiguous()
     return nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else out
-
-
-def _lookup(root: nn.Module, node: fx.Node) -> Optional[Rewrite]:
-    if node.op == "call_module":
-        mod = root.get_submodule(node.target)
-        for cls in type(mod).__mro__:
-            if cls in REWRITES:
-                return REWRITES[cls]
-        return None
-    if node.op in ("call_function", "call_method"):
-        return REWRITES.get(node.target)
-    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -144,12 +144,14 @@ def test_from_scores_ratio_and_rounding(x32):
 
 
 def test_plan_json_round_trip_on_a_fresh_model(x32):
-    an = vitgraph.analyze(tiny_vit(), x32[:1])
-    text = vitgraph.Plan.from_scores(an, ratio=0.5).to_json()
-    other = tiny_vit()  # same architecture, new object: the plan is re-validated against it
-    plan = vitgraph.Plan.from_json(text)
+    m = tiny_vit()
+    an = vitgraph.analyze(m, x32[:1])
+    first = vitgraph.Plan.from_scores(an, ratio=0.5)
+    other = tiny_vit()  # same architecture and seed, new object: the plan is re-validated against it
+    plan = vitgraph.Plan.from_json(first.to_json())
+    assert plan.kept == first.kept
     slim = vitgraph.compress(other, plan)
-    assert rel_err(slim(x32), vitgraph.mask(other, plan)(x32)) < 10  # runs; residual change makes it inexact
+    torch.testing.assert_close(slim(x32), vitgraph.compress(m, first)(x32), rtol=0, atol=0)
     assert slim(x32).shape == (2, 10)
 
 
@@ -163,7 +165,6 @@ def test_input_model_is_not_mutated(x32):
     vitgraph.mask(m, plan)
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     torch.testing.assert_close(m(x32), y, rtol=0, atol=0)
-    assert not m.training or True
 
 
 def test_onnx_export_of_a_compressed_model(x32, tmp_path):

@@ -37,15 +37,22 @@ def register_rule(*targets: Target) -> Callable[[Rule], Rule]:
     return deco
 
 
-def lookup_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Rule]:
-    """The rule for a node, by function, method name or module type (most derived first)."""
+def lookup(table: dict, root: nn.Module, node: fx.Node) -> Optional[Callable]:
+    """The entry of ``table`` for a node: by function, method name or module type (most derived first)."""
     if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
+        mod = root.get_submodule(node.target)
         for cls in type(mod).__mro__:
-            if cls in RULES:
-                return RULES[cls]
+            if cls in table:
+                return table[cls]
         return None
-    return RULES.get(node.target)
+    if node.op in ("call_function", "call_method"):
+        return table.get(node.target)
+    return None
+
+
+def lookup_rule(gm: fx.GraphModule, node: fx.Node) -> Optional[Rule]:
+    """The analysis rule for a node."""
+    return lookup(RULES, gm, node)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +194,7 @@ _POINTWISE_METHODS = [
 _POINTWISE_MODULES = [
     nn.Dropout, nn.Identity, nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid,
     nn.Softmax, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.ELU, nn.LeakyReLU, nn.Dropout2d,
-    nn.Dropout1d, nn.DropPath if hasattr(nn, "DropPath") else nn.Identity, nn.Softplus,
+    nn.Dropout1d, nn.Softplus,
 ]
 
 
@@ -469,8 +476,7 @@ def split_rule(ctx: RuleContext, node: fx.Node) -> Any:
     """Split along a dim: channel dims are refined into concatenated parts."""
     td = ctx.dims(node.args[0])
     shapes = ctx.out_shape()
-    default_dim = 0
-    dim = arg(node, 2, "dim", default_dim)
+    dim = arg(node, 2, "dim", 0)
     dim = norm_dim(int(dim), len(td.shape))
     sizes = [s[dim] for s in shapes]
     lay = td.dims[dim]
@@ -537,11 +543,9 @@ def getitem_rule(ctx: RuleContext, node: fx.Node) -> Any:
             expanded.extend([slice(None)] * (n - n_real))
         else:
             expanded.append(x)
-    cur = td
     dim = 0
     out_shape = ctx.out_shape()
     dims: list[Optional[Layout]] = []
-    shape_from: list[Any] = []
     pending_select: list[tuple[int, int]] = []
     for x in expanded:
         if x is None:
