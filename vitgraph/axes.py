@@ -44,6 +44,7 @@ class AxisStore:
         self.outer_of: dict[int, int] = {}  # leading factor axis -> axis it was split from
         self.count: dict[int, int] = {}  # root -> number of axes tied to it (absent: 1)
         self.stale: dict[int, list[int]] = {}  # axis replaced by per-section copies -> copies
+        self.concat_parts: dict[int, tuple[int, tuple[int, ...]]] = {}  # part index axis -> (inner axis, parts)
         self.graph = nx.Graph()
 
     # -- basic union-find -------------------------------------------------------------------

@@ -54,8 +54,18 @@ def count_flops(module: nn.Module, example_inputs: tuple[Any, ...] | torch.Tenso
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        module(*inputs)
+    # FlopCounterMode's module tracker hooks tensors that require grad; a parameter handed
+    # straight to a submodule (a class token, a bias table) trips it under no_grad, so
+    # parameters stop requiring grad while counting.
+    params = [p for p in module.parameters() if p.requires_grad]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        with torch.no_grad(), counter:
+            module(*inputs)
+    finally:
+        for p in params:
+            p.requires_grad_(True)
     return int(counter.get_total_flops())
 
 

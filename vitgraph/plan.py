@@ -53,6 +53,32 @@ class Plan:
         return self
 
     @classmethod
+    def random(
+        cls, analysis: "Analysis", ratio: float = 0.5, kinds: Optional[Iterable[str]] = None, seed: int = 0,
+        per_head: bool = True,
+    ) -> "Plan":
+        """Remove a random ``ratio`` of every group of ``kinds`` (default: all prunable kinds).
+
+        Per-head ``qk``/``v`` groups get a different random set per head when ``per_head``.  Used
+        to check that any keep-set compresses correctly, not to prune well.
+        """
+        if not 0.0 <= ratio < 1.0:
+            raise PlanError(f"ratio must be in [0, 1), got {ratio}")
+        kinds = tuple(kinds) if kinds is not None else DEFAULT_KINDS + ("other",)
+        gen = np.random.default_rng(seed)
+        plan = cls.keep_all(analysis)
+        for g in analysis.groups:
+            if g.kind not in kinds:
+                continue
+            n = _target_count(g.size, ratio, 1, 1)
+            if g.per_head and per_head:
+                heads = analysis.group(g.head_group).size
+                plan.kept[g.id] = [sorted(gen.choice(g.size, n, replace=False).tolist()) for _ in range(heads)]
+            else:
+                plan.kept[g.id] = sorted(gen.choice(g.size, n, replace=False).tolist())
+        return plan
+
+    @classmethod
     def from_scores(
         cls,
         analysis: "Analysis",

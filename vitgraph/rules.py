@@ -374,6 +374,18 @@ def split_factors(ctx: RuleContext, factors: list[int], sizes: list[int], rule: 
             if d is not None and len(d) == 1 and len(d[0]) > 1:
                 fs = list(d[0]) + fs
                 continue
+            if d is not None and acc == 1 and len(d) == first and _equal_single_blocks(store, d):
+                # a concatenation of ``first`` equal parts (q, k and v biases concatenated) viewed
+                # as (first, rest): the outer dim indexes the parts; its inner axis stands for
+                # each part in turn and is resolved to the part when the dim is unbound
+                x = store.new(first, f"part index of axis {r}")
+                y = store.new(sf // first, f"part of axis {r}")
+                store.outer_of[x] = r
+                store.concat_parts[x] = (y, tuple(blk[0] for blk in d))
+                fs = [y] + fs
+                g.append(x)
+                acc *= first
+                continue
             if d is not None:
                 break
             x = store.new(first, f"factor of axis {r}")
@@ -408,6 +420,8 @@ def sections(ctx: RuleContext, lay: Layout, n: int) -> Optional[list[dict[int, i
     s = store.find(lay[0][0])
     if store.size[s] != n or s in store.defs:
         return None
+    if s in store.concat_parts:
+        return _concat_sections(ctx, s)
     parent = store.outer_of.get(s)
     if parent is None:
         return None
@@ -434,6 +448,32 @@ def sections(ctx: RuleContext, lay: Layout, n: int) -> Optional[list[dict[int, i
     store.stale[s] = []
     store.defs[p] = tuple(tuple(m[x] for x in rest) for m in maps)
     store.graph.add_edges_from(((p, y) for m in maps for y in m.values()), why=why, kind="refines")
+    ctx.section_cache[key] = maps
+    return maps
+
+
+def _equal_single_blocks(store: Any, lay: Layout) -> bool:
+    return all(len(b) == 1 for b in lay) and len({store.block_size(b) for b in lay}) == 1
+
+
+def _concat_sections(ctx: RuleContext, s: int) -> list[dict[int, int]]:
+    """Sections of a concatenation viewed as (parts, ...): each part gets its own copy of the
+    inner axes, tied to the part's own axis."""
+    store = ctx.store
+    key = (-1, s)
+    if key in ctx.section_cache:
+        return ctx.section_cache[key]
+    y, parts = store.concat_parts[s]
+    rest = [store.find(x) for x in store.expand(single(y))[0]]
+    why = ctx.why("section")
+    maps: list[dict[int, int]] = []
+    for part in parts:
+        m = {x: store.new(store.size[x], f"section of axis {x}") for x in rest}
+        store.tie(single(part), (tuple(m[x] for x in rest),), why)
+        maps.append(m)
+    for x in rest:
+        store.stale[x] = [m[x] for m in maps]
+    store.stale[s] = []
     ctx.section_cache[key] = maps
     return maps
 
