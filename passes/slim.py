@@ -226,8 +226,11 @@ def rewrite_getitem(rc: RewriteContext, node: fx.Node) -> None:
         if isinstance(it, slice) and lay is not None and all(isinstance(v, (int, type(None))) for v in (it.start, it.stop, it.step)):
             kept = rc.sel.kept(lay)
             if len(kept) != x.shape[dim]:
-                start, stop, _ = it.indices(x.shape[dim])
-                it = slice(int(np.searchsorted(kept, start)), int(np.searchsorted(kept, stop)), it.step)
+                start, stop, step = it.indices(x.shape[dim])
+                if step == 1:
+                    it = slice(int(np.searchsorted(kept, start)), int(np.searchsorted(kept, stop)), it.step)
+                else:  # one member of every group of ``step`` channels; groups are kept whole
+                    it = slice(start, None, step)
                 changed = True
         out.append(it)
         dim += 1

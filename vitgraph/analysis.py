@@ -27,6 +27,8 @@ class ChannelGroup:
 
     ``size`` counts units: heads for ``head`` groups, per-head dims for ``qk`` and ``v`` groups,
     channels otherwise.  ``per_head`` says whether each head may keep different dims.
+    ``normalized`` says a normalisation runs over these channels (LayerNorm, q/k norm), so zeroing
+    them is not the same as removing them.
     """
 
     id: str
@@ -37,6 +39,7 @@ class ChannelGroup:
     head_group: Optional[str] = None
     per_head: bool = False
     axis: int = -1
+    normalized: bool = False
 
     def __str__(self) -> str:
         extra = f", heads={self.head_group}" if self.head_group else ""
@@ -223,7 +226,7 @@ def _kind(roles: set[str]) -> str:
     for kind, role in (("head", "head"), ("qk", "qk"), ("v", "v"), ("residual", "add")):
         if role in roles:
             return kind
-    if {"linear_in", "linear_out"} <= roles:
+    if {"linear_in", "linear_out"} <= roles and "norm" not in roles:
         return "ffn"
     return "other"
 
@@ -311,4 +314,5 @@ def _build_groups(an: Analysis) -> None:
                 h = common.pop()
                 head = named[h]
                 per_head = True
-        an.groups.append(ChannelGroup(named[a], kind, store.size[a], params, nodes, head, per_head, a))
+        normed = "norm" in store.roles.get(a, set())
+        an.groups.append(ChannelGroup(named[a], kind, store.size[a], params, nodes, head, per_head, a, normed))

@@ -187,7 +187,7 @@ _POINTWISE_FUNCS = [
 _POINTWISE_METHODS = [
     "add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_", "neg", "exp", "log", "sigmoid",
     "tanh", "relu", "sqrt", "rsqrt", "abs", "clamp", "pow", "sin", "cos", "softmax", "log_softmax",
-    "float", "half", "bfloat16", "double", "to", "type", "type_as", "contiguous", "clone",
+    "float", "half", "bfloat16", "double", "to", "type", "contiguous", "clone",
     "detach", "masked_fill", "masked_fill_", "erf", "sign", "reciprocal", "square", "clamp_min",
     "clamp_max", "__add__", "__mul__", "__rmul__", "__radd__", "sigmoid_", "gelu", "silu",
 ]
@@ -211,6 +211,12 @@ def pointwise(ctx: RuleContext, node: fx.Node) -> Any:
         for lay in td.dims:
             ctx.role(lay, "add")
     return td
+
+
+@register_rule("type_as")
+def type_as_rule(ctx: RuleContext, node: fx.Node) -> Any:
+    """``a.type_as(b)`` casts ``a``; ``b`` only lends its dtype."""
+    return ctx.dims(node.args[0])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,8 +610,7 @@ def getitem_rule(ctx: RuleContext, node: fx.Node) -> Any:
                 parts = split_layout(ctx, lay, [s for s in (start, stop - start, size - stop) if s > 0], "slice")
                 dims.append(parts[1 if start > 0 else 0])
             else:
-                ctx.freeze(lay, "slice", "strided or dynamic slice of channels")
-                dims.append(None)
+                dims.append(_strided(ctx, lay, size, start, stop, step))
         elif isinstance(x, fx.Node) and isinstance(ctx.dims(x), TensorDims):
             ctx.freeze(lay, "gather", "channels indexed by a tensor")
             it = ctx.dims(x)
@@ -627,6 +632,29 @@ def getitem_rule(ctx: RuleContext, node: fx.Node) -> Any:
         return no_rule(ctx, node)
     dims = [d if s != 1 else None for d, s in zip(dims, out_shape)]
     return TensorDims(tuple(out_shape), tuple(dims), td.live)
+
+
+def _strided(ctx: RuleContext, lay: Layout, size: int, start: Optional[int], stop: Optional[int], step: Optional[int]) -> Optional[Layout]:
+    """``x[..., start::step]`` over channels: the dim is (groups, step) row-major and the slice
+    keeps one member of every group (rotary embeddings pair channels 2i and 2i+1), so the output
+    is indexed by the group axis; the ``step`` factor itself is frozen."""
+    store = ctx.store
+    whole = step is not None and step > 1 and size % step == 0 and start is not None and start < step
+    if not whole or len(range(start, stop, step)) != size // step or len(lay) != 1 or len(lay[0]) != 1:
+        ctx.freeze(lay, "slice", "strided or dynamic slice of channels")
+        return None
+    r = store.find(lay[0][0])
+    d = store.defs.get(r)
+    if d is None:
+        g, k = store.new(size // step, f"groups of axis {r}"), store.new(step, f"members of axis {r}")
+        store.define(r, ((g, k),), ctx.why("slice", f"strided by {step}"))
+        store.freeze(single(k), ctx.why("slice", f"position inside groups of {step} channels"))
+        return single(g)
+    blk = store.expand(d)
+    if len(blk) == 1 and store.block_size(blk[0][-1:]) == step:
+        return (blk[0][:-1],)
+    ctx.freeze(lay, "slice", "strided slice does not follow the channel layout")
+    return None
 
 
 @register_rule(torch.cat, torch.concat, torch.concatenate)

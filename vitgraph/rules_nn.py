@@ -71,6 +71,15 @@ def layer_norm_function(ctx: RuleContext, node: fx.Node) -> Any:
     return norm_dims(ctx, ctx.dims(node.args[0]), k, [p for p in ps if isinstance(p, TensorDims)])
 
 
+@register_rule(F.normalize)
+def normalize_function(ctx: RuleContext, node: fx.Node) -> Any:
+    """F.normalize(x, p, dim): shape kept; channels normalised over ``dim`` get the norm role."""
+    x = ctx.dims(node.args[0])
+    dim = norm_dim(int(arg(node, 2, "dim", 1)), len(x.shape))
+    ctx.role(x.dims[dim], "norm")
+    return x
+
+
 def channel_norm(ctx: RuleContext, x: TensorDims, params: list[Optional[TensorDims]]) -> TensorDims:
     """Per-channel normalisation on dim 1 (batch norm, one-group or per-channel group norm)."""
     for p in params:
