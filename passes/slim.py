@@ -123,11 +123,30 @@ def _replace_sizes(args: list, old: tuple, new: tuple, dims: Optional[tuple] = N
     for a, o, n, lay in zip(args, old, new, dims):
         if isinstance(a, int) and a == -1:
             out.append(a)
-        elif o != n or (lay is not None and isinstance(a, fx.Node)):
+        elif o != n or (lay is not None and isinstance(a, fx.Node)) or _read_from_channels(a):
             out.append(n)
         else:
             out.append(a)
     return out
+
+
+def _read_from_channels(a: Any) -> bool:
+    """``a`` is ``x.shape[i]`` / ``x.size(i)`` where dim ``i`` of ``x`` carries channels (which a
+    plan may shrink even though the dim ``a`` sizes here keeps all of its channels)."""
+    if not isinstance(a, fx.Node):
+        return False
+    src, dim = None, None
+    if a.op == "call_method" and a.target == "size" and len(a.args) == 2:
+        src, dim = a.args[0], a.args[1]
+    elif a.op == "call_function" and a.target is operator.getitem and isinstance(a.args[0], fx.Node):
+        s = a.args[0]
+        if (s.op == "call_function" and s.target is getattr and s.args[1] == "shape") or (
+                s.op == "call_method" and s.target == "size" and len(s.args) == 1):
+            src, dim = s.args[0], a.args[1]
+    if not isinstance(src, fx.Node) or not isinstance(dim, int):
+        return False
+    td = src.meta.get(META_KEY)
+    return isinstance(td, TensorDims) and -len(td.dims) <= dim < len(td.dims) and td.dims[dim] is not None
 
 
 @register_rewrite("reshape", "view", torch.reshape, "expand")

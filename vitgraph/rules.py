@@ -182,18 +182,18 @@ _POINTWISE_FUNCS = [
     torch.tanh, torch.relu, torch.sqrt, torch.rsqrt, torch.abs, torch.clamp, torch.where,
     torch.sin, torch.cos, torch.pow, torch.erf, torch.maximum, torch.minimum,
     F.gelu, F.silu, F.relu, F.relu6, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.mish,
-    F.elu, F.leaky_relu, F.dropout, F.softmax, F.log_softmax, F.softplus,
+    F.elu, F.leaky_relu, F.dropout, F.softplus,
 ]
 _POINTWISE_METHODS = [
     "add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_", "neg", "exp", "log", "sigmoid",
-    "tanh", "relu", "sqrt", "rsqrt", "abs", "clamp", "pow", "sin", "cos", "softmax", "log_softmax",
+    "tanh", "relu", "sqrt", "rsqrt", "abs", "clamp", "pow", "sin", "cos",
     "float", "half", "bfloat16", "double", "to", "type", "contiguous", "clone",
     "detach", "masked_fill", "masked_fill_", "erf", "sign", "reciprocal", "square", "clamp_min",
     "clamp_max", "__add__", "__mul__", "__rmul__", "__radd__", "sigmoid_", "gelu", "silu",
 ]
 _POINTWISE_MODULES = [
     nn.Dropout, nn.Identity, nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid,
-    nn.Softmax, nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.ELU, nn.LeakyReLU, nn.Dropout2d,
+    nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.ELU, nn.LeakyReLU, nn.Dropout2d,
     nn.Dropout1d, nn.Softplus,
 ]
 
@@ -211,6 +211,20 @@ def pointwise(ctx: RuleContext, node: fx.Node) -> Any:
         for lay in td.dims:
             ctx.role(lay, "add")
     return td
+
+
+@register_rule(F.softmax, F.log_softmax, "softmax", "log_softmax", nn.Softmax, nn.LogSoftmax)
+def softmax_rule(ctx: RuleContext, node: fx.Node) -> Any:
+    """Softmax keeps dims; channels it normalises over (channel attention) get the norm role."""
+    x = ctx.dims(node.args[0])
+    if node.op == "call_module":
+        dim = getattr(ctx.gm.get_submodule(node.target), "dim", None)
+    else:
+        dim = arg(node, 1, "dim")
+    if dim is None or not isinstance(x, TensorDims):
+        return no_rule(ctx, node)
+    ctx.role(x.dims[norm_dim(int(dim), len(x.shape))], "norm")
+    return x
 
 
 @register_rule("type_as")
@@ -380,6 +394,15 @@ def split_factors(ctx: RuleContext, factors: list[int], sizes: list[int], rule: 
             if d is not None and len(d) == 1 and len(d[0]) > 1:
                 fs = list(d[0]) + fs
                 continue
+            common = _common_suffix(store, d) if d is not None and len(d) > 1 else None
+            if common is not None and store.block_size(common) > 1:
+                # parts that share their inner factors ((h1, D), (h2, D)): the product of the
+                # concatenated outer parts and the shared inner factors
+                outer = [b[0] for b in store.expand(d)]
+                o = store.new(sum(store.size[a] for a in outer), f"outer parts of axis {r}")
+                store.define(o, tuple((a,) for a in outer), ctx.why(rule, "common inner factors"))
+                fs = [o, *common] + fs
+                continue
             if d is not None and acc == 1 and len(d) == first and _equal_single_blocks(store, d):
                 # a concatenation of ``first`` equal parts (q, k and v biases concatenated) viewed
                 # as (first, rest): the outer dim indexes the parts; its inner axis stands for
@@ -456,6 +479,15 @@ def sections(ctx: RuleContext, lay: Layout, n: int) -> Optional[list[dict[int, i
     store.graph.add_edges_from(((p, y) for m in maps for y in m.values()), why=why, kind="refines")
     ctx.section_cache[key] = maps
     return maps
+
+
+def _common_suffix(store: Any, lay: Layout) -> Optional[tuple[int, ...]]:
+    """The inner factors every block of ``lay`` shares after one outer axis, if any."""
+    blocks = [tuple(store.find(a) for a in b) for b in store.expand(lay)]
+    if len(blocks) < 2 or any(len(b) < 2 for b in blocks):
+        return None
+    tail = blocks[0][1:]
+    return tail if all(b[1:] == tail for b in blocks) else None
 
 
 def _equal_single_blocks(store: Any, lay: Layout) -> bool:
@@ -554,6 +586,10 @@ def split_layout(ctx: RuleContext, lay: Optional[Layout], sizes: list[int], rule
         maps = sections(ctx, (blocks[0][:1],), len(sizes))
         if maps is not None:
             return [(tuple(m[store.find(x)] for x in blocks[0][1:]),) for m in maps]
+    if len(blocks) == 1 and len(blocks[0]) > 1 and sum(sizes) == store.block_size(blocks[0]):
+        parts = _split_outer(ctx, blocks[0], sizes, rule)
+        if parts is not None:
+            return parts
     out, cur, acc, k = [], [], 0, 0
     for blk in blocks:
         cur.append(blk)
@@ -568,6 +604,20 @@ def split_layout(ctx: RuleContext, lay: Optional[Layout], sizes: list[int], rule
         ctx.freeze(lay, rule, "split does not follow the channel layout")
         return [None] * len(sizes)
     return out
+
+
+def _split_outer(ctx: RuleContext, blk: tuple[int, ...], sizes: list[int], rule: str) -> Optional[list[Any]]:
+    """Split a product ``(o, rest...)`` at multiples of ``rest`` (a head-major dim split between
+    whole heads): the outer axis ``o`` is split instead, each part keeping the inner axes."""
+    store = ctx.store
+    inner = store.block_size(blk[1:])
+    if any(sz % inner for sz in sizes):
+        return None
+    counts = [sz // inner for sz in sizes]
+    outer = split_layout(ctx, single(blk[0]), counts, rule)
+    if any(p is None for p in outer):
+        return None
+    return [tuple(b + blk[1:] for b in p) for p in outer]
 
 
 @register_rule(operator.getitem)

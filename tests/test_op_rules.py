@@ -1,0 +1,452 @@
+"""Op rules on small synthetic models, one pattern each.
+
+Every model maps tokens ``[B, N, CIN]`` through ``embed`` to a residual stream, runs one block
+that uses the pattern under test, and ends in a ``head`` Linear.  Each test checks
+
+* the groups the analysis finds (kinds and sizes), or what it freezes and why, and
+* that compressing equals masking (max relative error <= 1e-5) for random keep-sets of the
+  qk / v / head / ffn groups that are not ``normalized``, that the output shape is unchanged,
+  and that the identity plan reproduces the model exactly.
+
+Patterns vitgraph gets wrong today stay as strict xfails whose reason names the bug.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+import vitgraph
+from vitgraph.measure import count_params
+
+from conftest import rel_err
+
+B, N, CIN, C, H, NCLS = 2, 9, 8, 32, 4, 5
+D = C // H  # head dim
+INNER = ("qk", "v", "head", "ffn")
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+class Net(nn.Module):
+    """``embed -> block -> mean over tokens -> head``."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.embed = nn.Linear(CIN, C)
+        self.block = block
+        self.head = nn.Linear(C, NCLS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.embed(x)).mean(1))
+
+
+def build(block_cls: type, *args, **kw) -> nn.Module:
+    """A seeded ``Net`` around ``block_cls(*args, **kw)``; parameters are all random."""
+    torch.manual_seed(0)
+    net = Net(block_cls(*args, **kw))
+    with torch.no_grad():  # zero-initialised parameters (biases, scales) become random too
+        for p in net.parameters():
+            if p.abs().max() == 0 or (p == 1).all():
+                p.copy_(torch.randn_like(p) * 0.5)
+    return net.eval()
+
+
+def inputs(batch: int = B) -> torch.Tensor:
+    """Seeded tokens ``[batch, N, CIN]``."""
+    torch.manual_seed(1)
+    return torch.randn(batch, N, CIN)
+
+
+def kinds_and_sizes(an: vitgraph.Analysis) -> list[tuple[str, int]]:
+    """Sorted (kind, size) of every group."""
+    return sorted((g.kind, g.size) for g in an.groups)
+
+
+def only(an: vitgraph.Analysis, kind: str) -> vitgraph.ChannelGroup:
+    """The one group of ``kind`` (fails if there are none or several)."""
+    gs = [g for g in an.groups if g.kind == kind]
+    assert len(gs) == 1, f"expected one {kind} group, got {[str(g) for g in gs]}\n{an}"
+    return gs[0]
+
+
+def assert_exact(m: nn.Module, an: vitgraph.Analysis, seeds=range(4)) -> None:
+    """Identity plan exact; random keep-sets of the inner, non-normalised groups: compress == mask."""
+    x = inputs()
+    with torch.no_grad():
+        ref = m(x)
+        ident = vitgraph.compress(m, vitgraph.Plan.keep_all(an), an)(x)
+    assert ident.shape == ref.shape
+    assert rel_err(ident, ref) <= 1e-6
+    ids = [g.id for g in an.groups if g.kind in INNER and not g.normalized]
+    assert ids, f"no prunable inner groups\n{an}"
+    for seed in seeds:
+        plan = vitgraph.Plan.random(an, 0.5, kinds=INNER, seed=seed)
+        plan.kept = {gid: k for gid, k in plan.kept.items() if gid in ids}
+        slim, masked = vitgraph.compress(m, plan, an), vitgraph.mask(m, plan, an)
+        with torch.no_grad():
+            out, want = slim(x), masked(x)
+        assert out.shape == ref.shape
+        assert rel_err(out, want) <= 1e-5, f"seed {seed}: plan {plan.kept}"
+        assert count_params(slim) < count_params(m)
+
+
+def split_heads(t: torch.Tensor) -> torch.Tensor:
+    """``[B, N, C] -> [B, H, N, D]``."""
+    b, n, _ = t.shape
+    return t.reshape(b, n, H, D).transpose(1, 2)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """``[B, H, N, Dv] -> [B, N, H * Dv]``."""
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. BEiT-style fused qkv: bias-free Linear, bias concatenated from q_bias, zeros and v_bias
+
+
+class BeitAttention(nn.Module):
+    """``F.linear(x, qkv.weight, cat(q_bias, <zeros>, v_bias))``, unbind, SDPA.
+
+    ``zeros`` is ``"zeros_like"`` (BEiT: ``torch.zeros_like(v_bias)``) or ``"buffer"`` (timm: a
+    registered all-zero ``k_bias`` buffer).
+    """
+
+    def __init__(self, zeros: str = "zeros_like") -> None:
+        super().__init__()
+        self.zeros = zeros
+        self.qkv = nn.Linear(C, 3 * C, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(C))
+        self.v_bias = nn.Parameter(torch.randn(C))
+        if zeros == "buffer":
+            self.register_buffer("k_bias", torch.zeros(C), persistent=False)
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        k_bias = torch.zeros_like(self.v_bias) if self.zeros == "zeros_like" else self.k_bias
+        qkv_bias = torch.cat((self.q_bias, k_bias, self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, qkv_bias)
+        q, k, v = qkv.reshape(b, n, 3, H, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(o.transpose(1, 2).reshape(b, n, c))
+
+
+ZEROS_LIKE_BUG = (
+    "vitgraph has no rule for torch.zeros_like: no_rule freezes v_bias (its argument) and returns "
+    "dims without channels, so torch.cat((q_bias, zeros, v_bias)) freezes q_bias too and the block "
+    "has no head/qk/v groups; zeros_like should give fresh, untied axes"
+)
+
+
+@pytest.mark.parametrize("zeros", [
+    pytest.param("zeros_like", marks=pytest.mark.xfail(strict=True, reason=ZEROS_LIKE_BUG)),
+    "buffer",
+])
+def test_beit_fused_qkv_with_concatenated_bias(zeros):
+    """Groups head/qk/v; q_bias and v_bias are sliced with their own sections."""
+    m = build(BeitAttention, zeros)
+    an = vitgraph.analyze(m, inputs(1))
+    assert not an.unruled, an.unruled
+    assert kinds_and_sizes(an) == [("head", H), ("qk", D), ("residual", C), ("v", D)], str(an)
+    qk, v = only(an, "qk"), only(an, "v")
+    assert qk.per_head and v.per_head
+    assert ("block.q_bias", 0) in qk.params and ("block.v_bias", 0) in v.params
+    assert ("block.v_bias", 0) not in qk.params and ("block.q_bias", 0) not in v.params
+    assert_exact(m, an)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. rotary embeddings on q and k
+
+
+def rope_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """``sin`` / ``cos`` of shape [N, D], each angle repeated for channels 2i and 2i+1."""
+    inv = 1.0 / (100.0 ** (torch.arange(0, D, 2).float() / D))
+    ang = torch.arange(N).float()[:, None] * inv[None, :]
+    ang = ang.repeat_interleave(2, -1)
+    return ang.sin(), ang.cos()
+
+
+def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) by 90 degrees."""
+    return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+
+
+class RopeAttention(nn.Module):
+    """Fused qkv; ``x * cos + rotate_pairs(x) * sin`` on q and k; explicit softmax attention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(C, 3 * C)
+        self.proj = nn.Linear(C, C)
+        sin, cos = rope_tables()
+        self.register_buffer("sin", sin)
+        self.register_buffer("cos", cos)
+
+    def rope(self, t: torch.Tensor) -> torch.Tensor:
+        return t * self.cos + rotate_pairs(t) * self.sin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.rope(q), self.rope(k)
+        attn = (q @ k.transpose(-2, -1) * D ** -0.5).softmax(-1)
+        return x + self.proj(merge_heads(attn @ v))
+
+
+def test_rotary_embedding_groups_channel_pairs():
+    """The qk group counts channel pairs (D / 2); the position inside a pair is frozen."""
+    m = build(RopeAttention)
+    an = vitgraph.analyze(m, inputs(1))
+    assert kinds_and_sizes(an) == [("head", H), ("qk", D // 2), ("residual", C), ("v", D)], str(an)
+    qk = only(an, "qk")
+    assert {"block.sin", "block.cos"} <= {p for p, _ in qk.params}
+    assert any("position inside groups of 2" in f.reason for f in an.frozen), an.explain_frozen()
+    assert_exact(m, an, seeds=range(6))
+
+
+def test_rotary_pruning_matches_removing_pairs_by_hand():
+    """Keeping pairs P of the qk group equals zeroing q/k rows 2p, 2p+1 for p not in P."""
+    m = build(RopeAttention)
+    an = vitgraph.analyze(m, inputs(1))
+    qk = only(an, "qk")
+    pairs = [0, 2, 3]
+    plan = vitgraph.Plan.keep_all(an).keep(qk.id, pairs)
+    slim = vitgraph.compress(m, plan, an)
+    ref = build(RopeAttention)
+    drop = [2 * p + j for p in range(D // 2) if p not in pairs for j in (0, 1)]
+    with torch.no_grad():
+        for sec in (0, 1):  # q and k
+            for h in range(H):
+                rows = [sec * C + h * D + d for d in drop]
+                ref.block.qkv.weight[rows] = 0
+                ref.block.qkv.bias[rows] = 0
+    x = inputs()
+    with torch.no_grad():
+        assert rel_err(slim(x), ref(x)) <= 1e-5
+    w = dict(slim.named_parameters())["block.qkv.weight"]
+    assert w.shape == (2 * H * 2 * len(pairs) + C, C)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. type_as
+
+
+class TypeAsMLPs(nn.Module):
+    """Two parallel MLPs of equal width; one hidden activation is cast with ``type_as`` the other."""
+
+    def __init__(self, hidden: int = 24) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(C, hidden), nn.Linear(hidden, C)
+        self.fc3, self.fc4 = nn.Linear(C, hidden), nn.Linear(hidden, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.gelu(self.fc1(x))
+        b = F.gelu(self.fc3(x))
+        return x + self.fc2(a.type_as(b)) + self.fc4(b)
+
+
+def test_type_as_does_not_tie_its_operands():
+    """``a.type_as(b)`` only casts: the two hidden layers stay separate ffn groups."""
+    m = build(TypeAsMLPs)
+    an = vitgraph.analyze(m, inputs(1))
+    assert kinds_and_sizes(an) == [("ffn", 24), ("ffn", 24), ("residual", C)], str(an)
+    owners = sorted(sorted({p.rpartition(".")[0] for p, _ in g.params}) for g in an.groups if g.kind == "ffn")
+    assert owners == [["block.fc1", "block.fc2"], ["block.fc3", "block.fc4"]]
+    assert_exact(m, an)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. cosine attention: F.normalize on q and k
+
+
+class CosineAttention(nn.Module):
+    """Separate q/k/v projections; ``normalize(q) @ normalize(k)^T * scale``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(C, C), nn.Linear(C, C), nn.Linear(C, C)
+        self.proj = nn.Linear(C, C)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = split_heads(self.q(x)), split_heads(self.k(x)), split_heads(self.v(x))
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = (attn * self.logit_scale.exp()).softmax(-1)
+        return x + self.proj(merge_heads(attn @ v))
+
+
+def test_cosine_attention_marks_qk_normalized():
+    """The qk group is ``normalized``; v, head and residual are not."""
+    m = build(CosineAttention)
+    an = vitgraph.analyze(m, inputs(1))
+    assert kinds_and_sizes(an) == [("head", H), ("qk", D), ("residual", C), ("v", D)], str(an)
+    assert only(an, "qk").normalized
+    assert not only(an, "v").normalized and not only(an, "head").normalized
+    assert not only(an, "residual").normalized
+    assert_exact(m, an)
+    # pruning the normalised qk group still compresses and runs (no equivalence claim)
+    plan = vitgraph.Plan.keep_all(an).keep(only(an, "qk").id, [0, 3, 5])
+    assert vitgraph.compress(m, plan, an)(inputs()).shape == (B, NCLS)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. separate q / k / v projections with explicit softmax attention
+
+
+class SeparateQKV(nn.Module):
+    """``softmax(q @ k^T * scale) @ v`` with three Linear projections.
+
+    ``heads`` x ``dim`` q/k channels, ``heads`` x ``dim_v`` v channels; ``kt`` picks how k is
+    transposed: ``"transpose"`` (``k.transpose(-2, -1)``) or ``"mT"`` (``k.mT``).
+    """
+
+    def __init__(self, heads: int = H, dim: int = D, dim_v: int = D, kt: str = "transpose") -> None:
+        super().__init__()
+        self.heads, self.dim, self.dim_v, self.kt = heads, dim, dim_v, kt
+        self.q, self.k = nn.Linear(C, heads * dim), nn.Linear(C, heads * dim)
+        self.v = nn.Linear(C, heads * dim_v)
+        self.proj = nn.Linear(heads * dim_v, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q(x).reshape(b, n, self.heads, self.dim).transpose(1, 2)
+        k = self.k(x).reshape(b, n, self.heads, self.dim).transpose(1, 2)
+        v = self.v(x).reshape(b, n, self.heads, self.dim_v).transpose(1, 2)
+        attn = (q @ (k.mT if self.kt == "mT" else k.transpose(-2, -1))) * self.dim ** -0.5
+        return x + self.proj(merge_heads(attn.softmax(dim=-1) @ v))
+
+
+MT_BUG = (
+    "getattr rule treats Tensor.mT like .T (reverses every dim) instead of swapping the last two: "
+    "k.mT of [B, H, N, D] gets dims [D, N, H, B]. heads != dim: the matmul rule fails to tie "
+    "sizes D and H and freezes q/k (no head/qk groups); heads == dim: q's dims are tied to k's "
+    "heads and the compressed model raises in the q @ k.mT matmul"
+)
+
+
+@pytest.mark.parametrize("heads, dim, dim_v, kt", [
+    (H, D, D, "transpose"),
+    (H, D, 12, "transpose"),  # v dims differ from q/k dims
+    (8, 8, 8, "transpose"),  # as many heads as dims per head
+    pytest.param(H, D, D, "mT", marks=pytest.mark.xfail(strict=True, reason=MT_BUG)),
+    pytest.param(8, 8, 8, "mT", marks=pytest.mark.xfail(strict=True, reason=MT_BUG)),
+])
+def test_separate_q_k_v_projections(heads, dim, dim_v, kt):
+    """head/qk/v groups with per-head dims; q and k rows in qk, v rows and proj columns in v."""
+    m = build(SeparateQKV, heads, dim, dim_v, kt)
+    an = vitgraph.analyze(m, inputs(1))
+    assert not an.unruled, an.unruled
+    assert kinds_and_sizes(an) == sorted([("head", heads), ("qk", dim), ("residual", C), ("v", dim_v)]), str(an)
+    qk, v, head = only(an, "qk"), only(an, "v"), only(an, "head")
+    assert qk.per_head and v.per_head and qk.head_group == v.head_group == head.id
+    assert {("block.q.weight", 0), ("block.k.weight", 0), ("block.q.bias", 0), ("block.k.bias", 0)} <= set(qk.params)
+    assert {("block.v.weight", 0), ("block.v.bias", 0), ("block.proj.weight", 1)} <= set(v.params)
+    assert_exact(m, an)
+
+
+def test_separate_q_k_v_slim_shapes():
+    """Keeping 2 heads and 3 qk / 5 v dims per head gives the expected weight shapes."""
+    m = build(SeparateQKV)
+    an = vitgraph.analyze(m, inputs(1))
+    qk, v, head = only(an, "qk"), only(an, "v"), only(an, "head")
+    plan = vitgraph.Plan.keep_all(an).keep(head.id, [1, 3])
+    plan.keep(qk.id, [[0, 1, 2], [1, 4, 7], [2, 3, 6], [0, 5, 7]]).keep(v.id, [[0, 1, 2, 3, 4]] * H)
+    slim = vitgraph.compress(m, plan, an)
+    p = dict(slim.named_parameters())
+    assert p["block.q.weight"].shape == p["block.k.weight"].shape == (2 * 3, C)
+    assert p["block.v.weight"].shape == (2 * 5, C) and p["block.proj.weight"].shape == (C, 2 * 5)
+    x = inputs()
+    with torch.no_grad():
+        assert rel_err(slim(x), vitgraph.mask(m, plan, an)(x)) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. LayerScale on the residual branch and a SwiGLU MLP
+
+
+class LayerScaleSwiGLU(nn.Module):
+    """``x + gamma * fc2(silu(a) * b)`` with ``a, b = fc1(norm(x)).chunk(2, -1)``."""
+
+    def __init__(self, hidden: int = 24) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(C)
+        self.fc1 = nn.Linear(C, 2 * hidden)
+        self.fc2 = nn.Linear(hidden, C)
+        self.gamma = nn.Parameter(torch.full((C,), 0.1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.fc1(self.norm(x)).chunk(2, -1)
+        return x + self.gamma * self.fc2(F.silu(a) * b)
+
+
+def test_layerscale_and_swiglu():
+    """One ffn group of ``hidden`` units (gate and value halves tied); gamma is residual."""
+    m = build(LayerScaleSwiGLU)
+    an = vitgraph.analyze(m, inputs(1))
+    assert kinds_and_sizes(an) == [("ffn", 24), ("residual", C)], str(an)
+    ffn, res = only(an, "ffn"), only(an, "residual")
+    assert {("block.fc1.weight", 0), ("block.fc1.bias", 0), ("block.fc2.weight", 1)} <= set(ffn.params)
+    assert ("block.gamma", 0) in res.params and res.normalized
+    assert_exact(m, an)
+    plan = vitgraph.Plan.keep_all(an).keep(ffn.id, [0, 5, 23])
+    slim = vitgraph.compress(m, plan, an)
+    p = dict(slim.named_parameters())
+    assert p["block.fc1.weight"].shape == (6, C) and p["block.fc2.weight"].shape == (C, 3)
+    ref = build(LayerScaleSwiGLU)
+    rows = [i for i in range(24) if i not in (0, 5, 23)]
+    with torch.no_grad():  # removing unit i = zeroing both halves' rows i and 24 + i
+        ref.block.fc1.weight[rows + [24 + i for i in rows]] = 0
+        ref.block.fc1.bias[rows + [24 + i for i in rows]] = 0
+        assert rel_err(slim(inputs()), ref(inputs())) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. an op without a rule
+
+
+def reverse_channels(t: torch.Tensor) -> torch.Tensor:
+    """Opaque to the tracer (``torch.fx.wrap``): reorders channels, so nothing may be pruned."""
+    return t.flip(-1)
+
+
+torch.fx.wrap("reverse_channels")
+
+
+class UnruledMLP(nn.Module):
+    """MLP whose hidden activation goes through ``reverse_channels``; a second, plain MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(C, 24), nn.Linear(24, C)
+        self.fc3, self.fc4 = nn.Linear(C, 16), nn.Linear(16, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc2(reverse_channels(F.gelu(self.fc1(x))))
+        return x + h + self.fc4(F.gelu(self.fc3(x)))
+
+
+def test_op_without_rule_freezes_and_reports():
+    """The wrapped call is a graph node without a rule: its channels freeze with that reason."""
+    m = build(UnruledMLP)
+    an = vitgraph.analyze(m, inputs(1))
+    gm_targets = [n.target for n in an.graph_module.graph.nodes if n.op == "call_function"]
+    assert reverse_channels in gm_targets  # traced as one opaque call
+    assert any("reverse_channels" in what for _, what in an.unruled), an.unruled
+    frozen = [f for f in an.frozen if "reverse_channels" in f.reason]
+    assert [f.size for f in frozen] == [24], an.explain_frozen()
+    assert "block.fc1.weight" in frozen[0].where and "no rule" in frozen[0].reason
+    assert "reverse_channels" in an.explain_frozen() and "reverse_channels" in an.summary()
+    # the untouched MLP and the residual stay prunable; the frozen hidden layer is no group
+    assert kinds_and_sizes(an) == [("ffn", 16), ("residual", C)], str(an)
+    assert all(("block.fc1.weight", 0) not in g.params for g in an.groups)
+    assert_exact(m, an)
