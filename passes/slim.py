@@ -71,7 +71,7 @@ def slim(analysis: Any, sel: Selection) -> fx.GraphModule:
     split_ragged_sections(rc, graph, analysis.store)
     for node in list(graph.nodes):
         fn = lookup(REWRITES, root, node)
-        if fn is None or META_KEY not in node.meta:
+        if fn is None or META_KEY not in node.meta or not _inputs_analysed(node):
             continue
         try:
             fn(rc, node)
@@ -81,6 +81,12 @@ def slim(analysis: Any, sel: Selection) -> fx.GraphModule:
     new = fx.GraphModule(root, graph, gm.__class__.__name__)
     new.train(gm.training)
     return new
+
+
+def _inputs_analysed(node: fx.Node) -> bool:
+    """Every tensor input has recorded dims (inputs the analysis could not see were frozen)."""
+    return all(isinstance(a.meta.get(META_KEY), (TensorDims, tuple)) for a in node.all_input_nodes
+               if a.meta.get("tensor_meta") is not None)
 
 
 def _copy_state(gm: fx.GraphModule, memo: dict[int, Any]) -> nn.Module:
