@@ -90,11 +90,30 @@ def _first(out: object) -> torch.Tensor:
     return out
 
 
+def _randomize_constant_params(model: nn.Module, seed: int) -> None:
+    """Add small random values to parameters initialised to a constant.
+
+    Zero-initialised classifiers make every output 0, and layer-scale factors of 1e-5 make the
+    output blind to the blocks, which would make every comparison vacuous; the check needs
+    outputs that depend on every channel.  Norm weights of 1 and zero biases get noise too.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            flat = p.detach().reshape(-1)
+            if p.numel() > 1 and bool((flat == flat[0]).all()):
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.02)
+
+
 def check_model(
     model: nn.Module, x: torch.Tensor, name: str = "model", ratio: float = 0.5, seed: int = 0,
     onnx: bool = True, flops: bool = True,
 ) -> CheckReport:
-    """Run every coverage check on ``model`` with example input ``x`` (batch >= 1)."""
+    """Run every coverage check on ``model`` with example input ``x`` (batch >= 1).
+
+    Constant-initialised parameters of ``model`` first get small random values (see
+    :func:`_randomize_constant_params`), so the model is modified in place.
+    """
     from .export import export_onnx
     from .measure import count_flops, count_params
 
@@ -102,6 +121,7 @@ def check_model(
     step = "analyze"
     try:
         model.eval()
+        _randomize_constant_params(model, seed)
         x1 = x[:1]
         t0 = time.perf_counter()
         an = analyze(model, x1)

@@ -10,6 +10,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
+from .lowering import lower
 from .errors import TraceError
 
 
@@ -114,6 +115,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphM
             except TraceError:
                 raise first from None
         gm.meta["vitgraph.honour_timm"] = False
+        lower(gm)
         with torch.no_grad():
             try:
                 MetaShapeProp(gm).run(*(t.to("meta") for t in example_inputs))
