@@ -102,7 +102,14 @@ class Analysis:
         return self._by_axis.get(self.store.find(axis))
 
     def explain(self, group_id: str) -> str:
-        """Why a group's channels are coupled: the ties that join them, each with its op."""
+        """Why channels are coupled or frozen, traced back to the ops that decided it.
+
+        ``group_id`` is a group id (the ties that join its channels, each with its op) or a
+        parameter name (for each of its dims: the groups it belongs to and the frozen channels,
+        with the op that froze them).
+        """
+        if group_id not in self._by_id and group_id in self.params:
+            return self._explain_param(group_id)
         g = self.group(group_id)
         comp = _component(self.store, g.axis)
         lines = [f"{g.id}: {g.kind} group of {g.size} units; roles {sorted(self.store.roles.get(g.axis, ()))}"]
@@ -115,6 +122,26 @@ class Analysis:
             seen.add(str(why))
             lines.append(f"  tied by {why}")
         return "\n".join(lines)
+
+    def _explain_param(self, name: str) -> str:
+        td = self.params[name]
+        lines = [f"{name}: shape {list(td.shape)}"]
+        frozen = {f.axis: f for f in self.frozen}
+        for d, lay in enumerate(td.dims):
+            if lay is None:
+                lines.append(f"  dim {d}: no channels")
+                continue
+            for blk in self.store.expand(lay):
+                for a in blk:
+                    for leaf in self.store.axes_of(((a,),), leaves=True):
+                        if leaf in self.store.defs:
+                            continue
+                        g = self._by_axis.get(leaf)
+                        if g is not None:
+                            lines.append(f"  dim {d}: group {g.id} ({g.kind}, {g.size} units)")
+                        elif leaf in frozen:
+                            lines.append(f"  dim {d}: {self.store.size[leaf]} channels frozen by {frozen[leaf].reason}")
+        return "\n".join(dict.fromkeys(lines))
 
     def explain_frozen(self) -> str:
         """Every frozen channel set with the op that froze it."""

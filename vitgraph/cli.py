@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .errors import VitgraphError
+from .models import load_model
 
 
 @contextlib.contextmanager
@@ -21,29 +22,6 @@ def step(msg: str) -> Iterator[None]:
     t0 = time.perf_counter()
     yield
     print(f" done ({time.perf_counter() - t0:.2f} s)", flush=True)
-
-
-def load_model(spec: str, input_size: Optional[str]) -> tuple[nn.Module, torch.Tensor]:
-    """A model from a timm name (random weights) or a saved module, and an example input."""
-    path = Path(spec)
-    if path.exists():
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-        if isinstance(obj, dict):
-            raise VitgraphError(f"{spec} holds a state dict; save the whole module (torch.save(model, path)) instead")
-        model = obj
-        if input_size is None:
-            raise VitgraphError(f"--input-size is required for a saved module ({spec})")
-    else:
-        import timm
-
-        try:
-            model = timm.create_model(spec, pretrained=False)
-        except RuntimeError as e:
-            raise VitgraphError(f"{spec!r} is neither a file nor a timm model name: {e}") from e
-        if input_size is None:
-            input_size = ",".join(str(s) for s in model.pretrained_cfg.get("input_size", (3, 224, 224)))
-    shape = [int(s) for s in input_size.split(",")]
-    return model.eval(), torch.randn(1, *shape)
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
@@ -124,13 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_cmd(name: str, help: str) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help)
-        s.add_argument("model", help="timm model name (random weights) or path to a saved module")
+        s.add_argument("model", help="timm model name or torchvision:NAME (random weights), or path to a saved module")
         s.add_argument("--input-size", help="C,H,W of the example input (default: the timm config)")
         return s
 
     model_cmd("inspect", "print the channel groups of a model").set_defaults(fn=cmd_inspect)
     s = model_cmd("explain", "why channels are coupled or frozen")
-    s.add_argument("group", nargs="*", help="group ids (default: all)")
+    s.add_argument("group", nargs="*", help="group ids or parameter names (default: every group and frozen set)")
     s.set_defaults(fn=cmd_explain)
     s = model_cmd("compress", "prune by magnitude, write plan, slim model and ONNX")
     s.add_argument("--ratio", type=float, default=0.5, help="fraction of each selected group removed")
