@@ -287,8 +287,8 @@ def rewrite_conv(rc: RewriteContext, node: fx.Node) -> None:
     """Conv channel counts (and depthwise groups) follow the weight."""
     m = rc.root.get_submodule(node.target)
     cin = rc.new_shape(rc.dims(node.args[0]))[1]
-    if m.groups > 1 and m.groups == m.in_channels:
-        m.groups = cin
+    if m.groups > 1:  # whole groups are removed: the (sliced) weight holds in-channels per group
+        m.groups = cin // m.weight.shape[1]
     m.in_channels, m.out_channels = cin, m.weight.shape[0]
 
 

@@ -310,7 +310,8 @@ def repeat_rule(ctx: RuleContext, node: fx.Node) -> Any:
     return td.with_dims(dims, shp)
 
 
-@register_rule("reshape", "view", torch.reshape, "flatten", torch.flatten, "unflatten", torch.unflatten, nn.Flatten, nn.Unflatten)
+@register_rule("reshape", "view", torch.reshape, "flatten", torch.flatten, "unflatten", torch.unflatten, nn.Flatten, nn.Unflatten,
+               "reshape_as", "view_as")
 def reshape_rule(ctx: RuleContext, node: fx.Node) -> Any:
     """Merge and split dims: merged channels become products, split ones are refined."""
     td = ctx.dims(node.args[0])

@@ -9,7 +9,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .axes import Layout
+from .axes import Layout, single
 from .context import RuleContext, TensorDims
 from .rules import arg, broadcast, no_rule, norm_dim, register_rule
 
@@ -119,8 +119,18 @@ def conv_dims(ctx: RuleContext, x: TensorDims, w: TensorDims, b: Optional[Tensor
     elif groups == cin and w.shape[0] == cin and w.shape[1] == 1:
         ctx.tie(x.dims[1], w.dims[0], "depthwise conv")
     else:
-        ctx.freeze(x.dims[1], "grouped conv", f"{groups} groups fix the channel count per group")
-        ctx.freeze(w.dims[0], "grouped conv", f"{groups} groups fix the channel count per group")
+        # groups x (in per group) channels in, groups x (out per group) out: whole groups can go,
+        # and the same in/out positions of every group
+        st = ctx.store
+        g = st.new(groups, "conv groups")
+        ci = st.new(cin // groups, "input channels per conv group")
+        co = st.new(w.shape[0] // groups, "output channels per conv group")
+        ctx.tie(x.dims[1], ((g, ci),), "grouped conv")
+        ctx.tie(w.dims[1], ((ci,),), "grouped conv")
+        ctx.tie(w.dims[0], ((g, co),), "grouped conv")
+        if cin // groups > 1 or w.shape[0] // groups > 1:
+            ctx.role(single(co), "linear_out")
+            ctx.role(single(ci), "linear_in")
     for kd in w.dims[2:]:
         ctx.freeze(kd, "conv", "kernel window")
     if b is not None:
