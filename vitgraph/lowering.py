@@ -105,3 +105,138 @@ def lower_mha(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention) -> bo
     g.erase_node(node)
     return True
 
+
+
+# ---------------------------------------------------------------------------------------------
+# opaque calls traced with their non-tensor arguments fixed
+
+VALUE_KEY = "vitgraph.value"  # node.meta entry: the concrete non-tensor value seen at shape propagation
+
+
+def inline_opaque(gm: fx.GraphModule, is_opaque: Callable[[fx.Node], bool]) -> list[str]:
+    """Trace through opaque calls (leaf modules, wrapped functions) whose Python control flow
+    only depends on their non-tensor arguments (spatial sizes, window shapes, flags).
+
+    Those arguments are fixed to the values seen while propagating shapes (they do not depend
+    on channels, which is what a plan changes), the callee is traced with them as constants,
+    and its graph replaces the call.  Calls that still cannot be traced stay opaque.  Returns
+    the targets that were inlined.
+    """
+    from .trace import ViTTracer
+
+    done = []
+    for node in list(gm.graph.nodes):
+        if node.op not in ("call_module", "call_function") or not is_opaque(node):
+            continue
+        try:
+            sub, tensors, consts, root = _subtrace(gm, node, ViTTracer)
+        except Exception:  # noqa: BLE001 - not traceable even with fixed arguments: stays opaque
+            continue
+        if _splice(gm, node, sub, tensors, consts, root):
+            done.append(str(node.target if node.op == "call_module" else getattr(node.target, "__name__", node.target)))
+    if done:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return done
+
+
+def _concrete(v: object) -> object:
+    if isinstance(v, fx.Node):
+        if VALUE_KEY not in v.meta:
+            raise ValueError(f"no concrete value for {v.name}")
+        return v.meta[VALUE_KEY]
+    if isinstance(v, (list, tuple)):
+        return type(v)(_concrete(x) for x in v)
+    return v
+
+
+def _subtrace(gm: fx.GraphModule, node: fx.Node, tracer_cls: type) -> tuple:
+    import inspect
+
+    if node.op == "call_module":
+        root = gm.get_submodule(node.target)
+        sig = inspect.signature(root.forward)
+    else:
+        root = node.target
+        sig = inspect.signature(root)
+    bound = sig.bind(*node.args, **node.kwargs)
+    tensors: dict[str, fx.Node] = {}
+    consts: dict[str, object] = {}
+    for name, val in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            raise ValueError("variadic arguments")
+        if isinstance(val, fx.Node) and val.meta.get("tensor_meta") is not None and VALUE_KEY not in val.meta:
+            tensors[name] = val
+        else:
+            consts[name] = _concrete(val)
+    tracer = tracer_cls(honour_timm=False)
+    graph = tracer.trace(root, concrete_args=consts)
+    # placeholders come in signature order, a fixed argument flattened into its leaves
+    from torch.utils._pytree import tree_leaves
+
+    flat: list[object] = []
+    for name, par in sig.parameters.items():
+        if name in tensors:
+            flat.append(tensors[name])
+        elif name in consts:
+            leaves = tree_leaves(consts[name])
+            flat.extend(leaves if leaves else [consts[name]])
+        else:
+            flat.append(par.default)
+    phs = [n for n in graph.nodes if n.op == "placeholder"]
+    if len(phs) != len(flat):
+        raise ValueError("placeholders do not match the arguments")
+    return graph, dict(zip(phs, flat)), consts, tracer.root
+
+
+def _splice(gm: fx.GraphModule, node: fx.Node, sub: fx.Graph, tensors: dict, consts: dict, root: nn.Module) -> bool:
+    out_node = next(n for n in sub.nodes if n.op == "output")
+    result = out_node.args[0]
+    info = getattr(sub._codegen, "pytree_info", None)
+    if info is not None and info.out_spec is not None:  # traced with fixed arguments: flat outputs
+        from torch.utils._pytree import tree_unflatten
+
+        result = tree_unflatten(list(result), info.out_spec)
+    if not isinstance(result, fx.Node):
+        # a tuple result: every user must take one element that is a graph value
+        if not isinstance(result, (tuple, list)):
+            return False
+        for user in node.users:
+            if user.target is not operator.getitem or not isinstance(user.args[1], int):
+                return False
+            if not isinstance(result[user.args[1]], fx.Node) and user.users:
+                return False
+    prefix = f"{node.target}." if node.op == "call_module" else ""
+    env: dict[fx.Node, object] = {}
+    g = gm.graph
+    with g.inserting_before(node):
+        for sn in sub.nodes:
+            if sn.op == "placeholder":
+                env[sn] = tensors[sn]
+            elif sn.op == "output":
+                continue
+            elif sn.op == "get_attr":
+                if prefix:
+                    env[sn] = g.get_attr(prefix + sn.target)
+                else:  # constants the function made while tracing: move them onto gm
+                    new = f"_vitgraph_const_{len(list(gm.named_buffers()))}_{sn.target}"
+                    gm.register_buffer(new, getattr(root, sn.target))
+                    env[sn] = g.get_attr(new)
+            else:
+                new = g.node_copy(sn, lambda a: env[a])
+                if sn.op == "call_module":
+                    new.target = prefix + sn.target
+                env[sn] = new
+    mapped = fx.node.map_arg(result, lambda a: env[a])
+    if isinstance(mapped, fx.Node):
+        node.replace_all_uses_with(mapped)
+    else:
+        for user in list(node.users):
+            v = mapped[user.args[1]]
+            if isinstance(v, fx.Node):
+                user.replace_all_uses_with(v)
+            g.erase_node(user)
+    g.erase_node(node)
+    return True

@@ -8,9 +8,9 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from .lowering import lower
+from .lowering import VALUE_KEY, inline_opaque, lower
 from .errors import TraceError
 
 
@@ -116,18 +116,87 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphM
                 raise first from None
         gm.meta["vitgraph.honour_timm"] = False
         lower(gm)
-        with torch.no_grad():
-            try:
-                MetaShapeProp(gm).run(*(t.to("meta") for t in example_inputs))
-            except Exception:  # noqa: BLE001 - an op without a meta kernel: run it for real
-                try:
-                    ShapeProp(gm).propagate(*example_inputs)
-                except Exception as e:  # noqa: BLE001
-                    raise TraceError(f"traced graph does not run on the example inputs: {type(e).__name__}: {e}") from e
+        _propagate_shapes(gm, example_inputs)
+        if any(_is_opaque(n) for n in gm.graph.nodes) and _probe_batch_values(gm, example_inputs) and \
+                inline_opaque(gm, _is_opaque):
+            lower(gm)
+            _propagate_shapes(gm, example_inputs)
     finally:
         for m, t in was_training.items():
             m.training = t
     return gm
+
+
+def _propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        try:
+            MetaShapeProp(gm).run(*(t.to("meta") for t in example_inputs))
+        except Exception:  # noqa: BLE001 - an op without a meta kernel: run it for real
+            try:
+                RealShapeProp(gm).run(*example_inputs)
+            except Exception as e:  # noqa: BLE001
+                raise TraceError(f"traced graph does not run on the example inputs: {type(e).__name__}: {e}") from e
+
+
+def _probe_batch_values(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> bool:
+    """Drop the recorded values that change with the batch size: only values that are the same
+    at batch n and n + 1 (spatial sizes, window shapes) may be fixed when inlining."""
+    first = {n: n.meta[VALUE_KEY] for n in gm.graph.nodes if VALUE_KEY in n.meta}
+    grown = [torch.cat([t, t[:1]]) if t.dim() > 0 else t for t in example_inputs]
+    try:
+        with torch.no_grad():
+            MetaShapeProp(gm).run(*(t.to("meta") for t in grown))
+    except Exception:  # noqa: BLE001
+        for n in first:
+            n.meta.pop(VALUE_KEY, None)
+        return False
+    stable = {n for n, v in first.items() if n.meta.get(VALUE_KEY) == v}
+    _propagate_shapes(gm, example_inputs)  # tensor metadata back at the example batch
+    for n in gm.graph.nodes:
+        if n not in stable:
+            n.meta.pop(VALUE_KEY, None)
+    return True
+
+
+def _is_opaque(node: fx.Node) -> bool:
+    """A call the tracer did not enter (a leaf module or a wrapped function) with no op rule."""
+    from .rules import lookup_rule
+
+    gm = node.graph.owning_module
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if type(mod).__module__.startswith("torch."):
+            return False
+    elif node.op == "call_function":
+        if getattr(node.target, "__module__", None) in (None, "_operator", "operator", "builtins", "math") or \
+                getattr(node.target, "__module__", "").startswith("torch"):
+            return False
+    else:
+        return False
+    return lookup_rule(gm, node) is None
+
+
+def _record(n: fx.Node, result: Any) -> None:
+    meta = _tensor_meta(result)
+    if meta is not None:
+        n.meta["tensor_meta"] = meta
+    elif _is_plain(result):
+        n.meta[VALUE_KEY] = result
+
+
+def _is_plain(v: Any) -> bool:
+    if isinstance(v, (list, tuple)):
+        return all(_is_plain(x) for x in v)
+    return v is None or isinstance(v, (int, float, bool, str, torch.Size))
+
+
+class RealShapeProp(fx.Interpreter):
+    """Shape propagation by running the graph (for ops without meta kernels)."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        _record(n, result)
+        return result
 
 
 class MetaShapeProp(fx.Interpreter):
@@ -135,9 +204,7 @@ class MetaShapeProp(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
-        meta = _tensor_meta(result)
-        if meta is not None:
-            n.meta["tensor_meta"] = meta
+        _record(n, result)
         return result
 
     def fetch_attr(self, target: str) -> Any:
@@ -153,6 +220,6 @@ class MetaShapeProp(fx.Interpreter):
 def _tensor_meta(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         return _extract_tensor_metadata(v)
-    if isinstance(v, (list, tuple)) and v and all(isinstance(x, torch.Tensor) for x in v):
-        return tuple(_extract_tensor_metadata(x) for x in v)
+    if isinstance(v, (list, tuple)) and v and any(isinstance(x, torch.Tensor) for x in v):
+        return tuple(_extract_tensor_metadata(x) if isinstance(x, torch.Tensor) else None for x in v)
     return None
