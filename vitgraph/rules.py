@@ -227,6 +227,19 @@ def softmax_rule(ctx: RuleContext, node: fx.Node) -> Any:
     return x
 
 
+@register_rule(torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like,
+               torch.randn_like, "new_zeros", "new_ones")
+def like_rule(ctx: RuleContext, node: fx.Node) -> Any:
+    """``zeros_like(x)`` and friends: a constant whose shape follows ``x`` at run time, so its
+    channels stay tied to ``x``'s (for ``new_zeros``, only when the shape is ``x``'s)."""
+    x = ctx.dims(node.args[0])
+    if not isinstance(x, TensorDims):
+        return no_rule(ctx, node)
+    if isinstance(node.target, str) and node.target.startswith("new_"):
+        return no_rule(ctx, node)
+    return TensorDims(x.shape, x.dims, False)
+
+
 @register_rule("type_as")
 def type_as_rule(ctx: RuleContext, node: fx.Node) -> Any:
     """``a.type_as(b)`` casts ``a``; ``b`` only lends its dtype."""
@@ -789,7 +802,10 @@ def scalar_rule(ctx: RuleContext, node: fx.Node) -> Any:
     """Shape queries and scalar arithmetic carry no channels."""
     if node.target is builtins.getattr and node.args[1] not in ("shape", "dtype", "device", "ndim", "is_cuda"):
         td = ctx.dims(node.args[0])
-        if isinstance(td, TensorDims) and node.args[1] in ("T", "mT"):
+        if isinstance(td, TensorDims) and node.args[1] == "T":
             return td.with_dims(td.dims[::-1], td.shape[::-1])
+        if isinstance(td, TensorDims) and node.args[1] in ("mT", "mH") and len(td.shape) >= 2:
+            perm = list(range(len(td.shape) - 2)) + [len(td.shape) - 1, len(td.shape) - 2]
+            return td.with_dims([td.dims[i] for i in perm], [td.shape[i] for i in perm])
         return no_rule(ctx, node)
     return None
