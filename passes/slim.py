@@ -347,7 +347,7 @@ def _split_one(rc: RewriteContext, graph: fx.Graph, store: Any, node: fx.Node, t
     s, c = spos[0], cdim[0]
     parent = x.dims[c]
     blocks = store.expand(parent)
-    chain, pos = [], s
+    chain = []
     cur = node
     while len(cur.users) == 1 and next(iter(cur.users)).target in _VIEW_CHAIN:
         cur = next(iter(cur.users))

@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from . import rules_nn  # noqa: F401  (registers the layer rules)
-from .axes import AxisStore, Layout, Why
+from .axes import AxisStore, Layout
 from .context import META_KEY, RuleContext, TensorDims
 from .errors import AnalysisError
 from .rules import get_attr_dims, lookup_rule, no_rule, output_dims, placeholder_dims

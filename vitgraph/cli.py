@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 import torch
-from torch import nn
 
 from .errors import VitgraphError
 from .models import load_model

@@ -12,7 +12,6 @@ from __future__ import annotations
 import operator
 from typing import Callable
 
-import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
@@ -129,10 +128,10 @@ def inline_opaque(gm: fx.GraphModule, is_opaque: Callable[[fx.Node], bool]) -> l
         if node.op not in ("call_module", "call_function") or not is_opaque(node):
             continue
         try:
-            sub, tensors, consts, root = _subtrace(gm, node, ViTTracer)
+            sub, inputs, root = _subtrace(gm, node, ViTTracer)
         except Exception:  # noqa: BLE001 - not traceable even with fixed arguments: stays opaque
             continue
-        if _splice(gm, node, sub, tensors, consts, root):
+        if _splice(gm, node, sub, inputs, root):
             done.append(str(node.target if node.op == "call_module" else getattr(node.target, "__name__", node.target)))
     if done:
         gm.graph.eliminate_dead_code()
@@ -188,10 +187,11 @@ def _subtrace(gm: fx.GraphModule, node: fx.Node, tracer_cls: type) -> tuple:
     phs = [n for n in graph.nodes if n.op == "placeholder"]
     if len(phs) != len(flat):
         raise ValueError("placeholders do not match the arguments")
-    return graph, dict(zip(phs, flat)), consts, tracer.root
+    return graph, dict(zip(phs, flat)), tracer.root
 
 
-def _splice(gm: fx.GraphModule, node: fx.Node, sub: fx.Graph, tensors: dict, consts: dict, root: nn.Module) -> bool:
+def _splice(gm: fx.GraphModule, node: fx.Node, sub: fx.Graph, inputs: dict, root: nn.Module) -> bool:
+    """Replace ``node`` by the nodes of ``sub``; ``inputs`` maps sub's placeholders to values."""
     out_node = next(n for n in sub.nodes if n.op == "output")
     result = out_node.args[0]
     info = getattr(sub._codegen, "pytree_info", None)
@@ -214,7 +214,7 @@ def _splice(gm: fx.GraphModule, node: fx.Node, sub: fx.Graph, tensors: dict, con
     with g.inserting_before(node):
         for sn in sub.nodes:
             if sn.op == "placeholder":
-                env[sn] = tensors[sn]
+                env[sn] = inputs[sn]
             elif sn.op == "output":
                 continue
             elif sn.op == "get_attr":
