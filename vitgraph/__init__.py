@@ -8,11 +8,13 @@ from .analysis import Analysis, ChannelGroup, FrozenChannels, analyze
 from .api import compress, mask
 from .export import export_onnx
 from .errors import AnalysisError, ExportError, PlanError, TraceError, VitgraphError
+from .latency import LatencyTable
 from .plan import Plan
+from .planner import CostModel, plan_to_target
 from .rules import register_rule
 
 __all__ = [
-    "Analysis", "ChannelGroup", "FrozenChannels", "Plan", "analyze", "compress", "mask",
+    "Analysis", "ChannelGroup", "CostModel", "FrozenChannels", "LatencyTable", "Plan", "plan_to_target", "analyze", "compress", "mask",
     "register_rule", "export_onnx", "sparsify_24", "TraceError", "PlanError", "AnalysisError", "ExportError", "VitgraphError",
 ]
 __version__ = "0.1.0"

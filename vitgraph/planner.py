@@ -1,0 +1,643 @@
+"""Plans built to a target: FLOPs, parameters or latency, globally ranked (NViT) or uniform.
+
+:class:`CostModel` prices a set of kept widths (one count per group) without running the model:
+FLOPs and parameters follow from the analysis' layouts of every compute node and parameter, and
+latency from a :class:`~vitgraph.latency.LatencyTable` (sum over the compute nodes plus an
+element-wise part).  :func:`plan_to_target` removes units of channels until the cost reaches a
+fraction of the dense model's, and can close the loop on latency by measuring the compressed
+model on the table's runtime.
+"""
+from __future__ import annotations
+
+import heapq
+import math
+import operator
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from .context import META_KEY, TensorDims
+from .errors import PlanError
+from .plan import DEFAULT_KINDS, Plan
+
+if TYPE_CHECKING:
+    from .analysis import Analysis, ChannelGroup
+    from .latency import LatencyTable
+
+DEFAULT_UNIT = {"residual": 16, "head": 1, "qk": 8, "v": 8, "ffn": 16, "other": 16}
+DEFAULT_MIN_WIDTH = {"residual": 64, "head": 1, "qk": 8, "v": 8, "ffn": 64, "other": 16}
+TARGETS = ("flops", "params", "latency")
+
+_LINEAR_FNS = {F.linear}
+_MATMUL_FNS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
+_BADDBMM = {torch.baddbmm, "baddbmm"}
+_CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_FREE = {  # ops that move no data (or that the runtimes fold away)
+    operator.getitem, getattr, "view", "reshape", torch.reshape, "permute", torch.permute, "transpose",
+    torch.transpose, "flatten", torch.flatten, "unflatten", "expand", "expand_as", "unbind", torch.unbind,
+    "split", torch.split, "chunk", torch.chunk, "size", "squeeze", "unsqueeze", torch.squeeze, torch.unsqueeze,
+    "narrow", torch.narrow, "dim", "type_as", "to", "float", "contiguous", "view_as", "reshape_as",
+}
+_FREE_MODULES = (nn.Identity, nn.Dropout)
+
+
+# ---------------------------------------------------------------------------------------------
+# cost model
+
+
+@dataclass(frozen=True)
+class _Dim:
+    """One dim of a tensor: its layout (``None``: no channels) and original size."""
+
+    layout: Any
+    size: int
+
+
+@dataclass(frozen=True)
+class _Op:
+    """A priced node: family and the dims its cost reads."""
+
+    name: str
+    family: str  # linear, bmm, baddbmm-as-bmm, conv, sdpa, eltwise
+    dims: tuple[tuple[_Dim, ...], ...]  # per operand: dims (output first)
+    extra: tuple[int, ...] = ()  # conv: kernel product etc.
+
+
+class CostModel:
+    """FLOPs, parameters and (with a table) latency of an analysed model at any kept widths.
+
+    Widths are a mapping group id -> kept count (heads for ``head`` groups, per-head dims for
+    ``qk``/``v``, channels otherwise); groups not listed keep everything.  FLOPs follow
+    ``measure.count_flops`` (2 per multiply-add of matmuls, linears, convolutions and attention)
+    at the analysis' input shapes; parameters follow ``measure.count_params``.
+    """
+
+    def __init__(self, analysis: "Analysis") -> None:
+        self.analysis = analysis
+        self.store = analysis.store
+        self.full = {g.id: g.size for g in analysis.groups}
+        self._axis_group = {g.axis: g.id for g in analysis.groups}
+        self.batch = int(analysis.input_shapes[0][0]) if analysis.input_shapes and analysis.input_shapes[0] else 1
+        gm = analysis.graph_module
+        self.ops: list[_Op] = []
+        for node in gm.graph.nodes:
+            op = _price(gm, node, analysis)
+            if op is not None:
+                self.ops.append(op)
+        param_names = {n for n, _ in gm.named_parameters()}
+        self._params = [(tuple(_Dim(lay, s) for lay, s in zip(td.dims, td.shape)))
+                        for name, td in analysis.params.items() if name in param_names]
+        seen = sum(math.prod(d.size for d in p) for p in self._params)
+        model = analysis.model if analysis.model is not None else gm
+        self._param_const = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()) - seen
+        # which ops each group's width changes (for fast latency deltas)
+        self._ops_of: dict[str, list[int]] = {g.id: [] for g in analysis.groups}
+        for i, op in enumerate(self.ops):
+            touched = set()
+            for operand in op.dims:
+                for d in operand:
+                    touched |= self._groups_in(d.layout)
+            for gid in touched:
+                self._ops_of[gid].append(i)
+
+    # -- sizes ------------------------------------------------------------------------------------
+    def _groups_in(self, layout: Any) -> set[str]:
+        out: set[str] = set()
+        if layout is None:
+            return out
+        st = self.store
+        stack = [a for blk in layout for a in blk]
+        seen = set()
+        while stack:
+            r = st.find(stack.pop())
+            if r in seen:
+                continue
+            seen.add(r)
+            if r in self._axis_group:
+                out.add(self._axis_group[r])
+            if r in st.stale and st.stale[r]:
+                stack.extend(st.stale[r])
+            d = st.defs.get(r)
+            if d is not None:
+                stack.extend(a for blk in d for a in blk)
+        return out
+
+    def _sizer(self, widths: Mapping[str, int]) -> "_Sizer":
+        by_axis = {}
+        for gid, w in widths.items():
+            g = self.analysis.group(gid)
+            by_axis[g.axis] = int(w)
+        return _Sizer(self.store, by_axis)
+
+    # -- costs ------------------------------------------------------------------------------------
+    def flops(self, widths: Mapping[str, int] = {}) -> int:  # noqa: B006 - read only
+        """FLOPs of one forward pass at the analysis' inputs."""
+        sz = self._sizer(widths)
+        return int(sum(_op_flops(op, sz) for op in self.ops))
+
+    def params(self, widths: Mapping[str, int] = {}) -> int:  # noqa: B006
+        """Parameter elements of the compressed model."""
+        sz = self._sizer(widths)
+        return int(self._param_const + sum(math.prod(sz.size(d) for d in p) for p in self._params))
+
+    def latency(self, widths: Mapping[str, int], table: "LatencyTable", ops: Optional[Sequence[int]] = None) -> float:
+        """Predicted latency in ms on the table's runtime at its batch size (sum over ops)."""
+        sz = self._sizer(widths)
+        scale = table.batch / self.batch
+        idx = range(len(self.ops)) if ops is None else ops
+        return float(sum(_op_latency(self.ops[i], sz, table, scale, self) for i in idx))
+
+    def latency_delta(self, widths: Mapping[str, int], gid: str, new: int, table: "LatencyTable") -> float:
+        """Lat(widths) - Lat(widths with group ``gid`` at ``new``), over the ops it touches."""
+        ops = self._ops_of.get(gid, [])
+        after = dict(widths)
+        after[gid] = new
+        return self.latency(widths, table, ops) - self.latency(after, table, ops)
+
+    def cost(self, target: str, widths: Mapping[str, int], table: Optional["LatencyTable"] = None) -> float:
+        """``flops``, ``params`` or ``latency`` of ``widths``."""
+        if target == "flops":
+            return float(self.flops(widths))
+        if target == "params":
+            return float(self.params(widths))
+        if table is None:
+            raise PlanError("target='latency' needs a latency_table (vitgraph.LatencyTable)")
+        return self.latency(widths, table)
+
+    def varies(self, d: _Dim) -> bool:
+        """Whether a dim's size depends on any group's width."""
+        return bool(self._groups_in(d.layout))
+
+
+class _Sizer:
+    """Sizes of layouts when each group axis keeps a count (memoised for one set of widths)."""
+
+    def __init__(self, store: Any, counts: dict[int, int]) -> None:
+        self.store = store
+        self.counts = counts
+        self.memo: dict[int, int] = {}
+
+    def size(self, d: _Dim) -> int:
+        if d.layout is None:
+            return d.size
+        return sum(self._block(b) for b in d.layout)
+
+    def _block(self, blk: tuple[int, ...]) -> int:
+        n = 1
+        for a in blk:
+            n *= self._axis(self.store.find(a))
+        return n
+
+    def _axis(self, r: int) -> int:
+        hit = self.memo.get(r)
+        if hit is not None:
+            return hit
+        st = self.store
+        if r in self.counts:
+            n = self.counts[r]
+        elif r in st.stale and st.stale[r]:
+            n = max(self._axis(st.find(c)) for c in st.stale[r])  # ragged sections: the widest
+        elif r in st.defs:
+            n = sum(self._block(b) for b in st.defs[r])
+        else:
+            n = st.size[r]
+        self.memo[r] = n
+        return n
+
+
+def _dims_of(node: Any) -> Optional[tuple[_Dim, ...]]:
+    td = node.meta.get(META_KEY) if isinstance(node, fx.Node) else None
+    if not isinstance(td, TensorDims):
+        return None
+    return tuple(_Dim(lay, s) for lay, s in zip(td.dims, td.shape))
+
+
+def _param_dims(analysis: "Analysis", name: str) -> Optional[tuple[_Dim, ...]]:
+    td = analysis.params.get(name)
+    return None if td is None else tuple(_Dim(lay, s) for lay, s in zip(td.dims, td.shape))
+
+
+def _price(gm: fx.GraphModule, node: fx.Node, analysis: "Analysis") -> Optional[_Op]:
+    """The priced op of a node, or None for nodes with no cost (views, constants)."""
+    if node.op not in ("call_module", "call_function", "call_method"):
+        return None
+    out = _dims_of(node)
+    if out is None:
+        return None
+    first = node.args[0] if node.args else None
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.Linear):
+            return _Op(node.name, "linear", (out, _dims_of(first)))
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            w = _param_dims(analysis, f"{node.target}.weight")
+            if w is not None:
+                return _Op(node.name, "conv", (out, w), (mod.groups,))
+        if isinstance(mod, _FREE_MODULES):
+            return None
+        return _Op(node.name, "eltwise", (out,)) if node.meta.get(META_KEY).live else None
+    t = node.target
+    if t in _LINEAR_FNS:
+        return _Op(node.name, "linear", (out, _dims_of(first)))
+    if t in _MATMUL_FNS and len(node.args) >= 2:
+        return _Op(node.name, "bmm", (out, _dims_of(first)))
+    if t in _BADDBMM and len(node.args) >= 2:
+        return _Op(node.name, "bmm", (out, _dims_of(node.args[1])))
+    if t is torch.addmm and len(node.args) >= 2:
+        return _Op(node.name, "linear", (out, _dims_of(node.args[1])))
+    if t in _CONV_FNS and len(node.args) >= 2:
+        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+        return _Op(node.name, "conv", (out, _dims_of(node.args[1])), (int(groups),))
+    if t is F.scaled_dot_product_attention:
+        key = node.args[1] if len(node.args) > 1 else node.kwargs.get("key")
+        val = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
+        return _Op(node.name, "sdpa", (out, _dims_of(first), _dims_of(key), _dims_of(val)))
+    if t in _FREE or not node.meta.get(META_KEY).live:
+        return None
+    return _Op(node.name, "eltwise", (out,))
+
+
+def _op_flops(op: _Op, sz: _Sizer) -> float:
+    out = [sz.size(d) for d in op.dims[0]]
+    if op.family == "linear" or op.family == "bmm":
+        if op.dims[1] is None:
+            return 0.0
+        k = sz.size(op.dims[1][-1])
+        return 2.0 * math.prod(out) * k
+    if op.family == "conv":
+        if op.dims[1] is None:
+            return 0.0
+        w = [sz.size(d) for d in op.dims[1]]
+        return 2.0 * math.prod(out) * math.prod(w[1:])
+    if op.family == "sdpa":
+        q, k = op.dims[1], op.dims[2]
+        if q is None or k is None:
+            return 0.0
+        e, s = sz.size(q[-1]), sz.size(k[-2])
+        ev = out[-1]
+        bl = math.prod(out[:-1])  # batch x heads x L
+        return 2.0 * bl * s * e + 2.0 * bl * s * ev
+    return 0.0
+
+
+def _op_latency(op: _Op, sz: _Sizer, table: "LatencyTable", scale: float, cm: CostModel) -> float:
+    outd = op.dims[0]
+    out = [sz.size(d) for d in outd]
+    if op.family == "eltwise":
+        return table.lookup("eltwise", (math.prod(out) * scale,), (True,))
+    if op.family in ("linear", "bmm") and op.dims[1] is not None:
+        k_dim = op.dims[1][-1]
+        k = sz.size(k_dim)
+        if op.family == "linear":
+            m = math.prod(out[:-1]) * scale
+            return table.lookup("linear", (m, k, out[-1]), (False, cm.varies(k_dim), cm.varies(outd[-1])))
+        b = math.prod(out[:-2]) * scale
+        vary_b = any(cm.varies(d) for d in outd[:-2])
+        return table.lookup("bmm", (b, out[-2], k, out[-1]),
+                            (vary_b, cm.varies(outd[-2]), cm.varies(k_dim), cm.varies(outd[-1])))
+    if op.family == "conv" and op.dims[1] is not None:
+        w = [sz.size(d) for d in op.dims[1]]
+        groups = op.extra[0] if op.extra else 1
+        m = math.prod(out) / out[1] * scale
+        if groups == 1:
+            return table.lookup("linear", (m, math.prod(w[1:]), out[1]),
+                                (False, any(cm.varies(d) for d in op.dims[1][1:]), cm.varies(outd[1])))
+        # grouped/depthwise convolution: priced as element-wise work over output x kernel
+        return table.lookup("eltwise", (math.prod(out) * math.prod(w[1:]) * scale,), (True,))
+    if op.family == "sdpa" and op.dims[1] is not None and op.dims[2] is not None:
+        q, k = op.dims[1], op.dims[2]
+        b = math.prod(out[:-2]) * scale
+        dims = (b, out[-2], sz.size(k[-2]), sz.size(q[-1]), out[-1])
+        vary = (any(cm.varies(d) for d in outd[:-2]), False, False, cm.varies(q[-1]), cm.varies(outd[-1]))
+        return table.lookup("sdpa", dims, vary)
+    return 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# planning
+
+
+@dataclass
+class _GroupState:
+    g: "ChannelGroup"
+    step: int  # channels (or heads) per unit
+    min_w: int
+    width: int
+    round_to: int
+    order: Optional[np.ndarray] = None  # 1-D: channels by ascending score
+    head_orders: Optional[np.ndarray] = None  # per-head qk/v: [heads, dims] ascending per head
+    scores: Optional[np.ndarray] = None
+
+    def next_width(self) -> Optional[int]:
+        """Kept count after removing one more unit (None when at the minimum)."""
+        if self.width <= self.min_w:
+            return None
+        r = self.step
+        nxt = ((self.width - 1) // r) * r
+        nxt = max(nxt, self.min_w)
+        return nxt if nxt < self.width else None
+
+
+def _as_np(t: Any) -> np.ndarray:
+    return torch.as_tensor(t, dtype=torch.float64).detach().cpu().numpy()
+
+
+def plan_to_target(
+    analysis: "Analysis",
+    scores: Optional[Mapping[str, Any]] = None,
+    target: str = "flops",
+    fraction: float = 0.5,
+    eta: float = 5e-4,
+    latency_table: Optional["LatencyTable"] = None,
+    unit: Optional[Mapping[str, int]] = None,
+    min_width: Optional[Mapping[str, int]] = None,
+    round_to: int = 1,
+    kinds: Optional[Sequence[str]] = None,
+    mode: str = "global",
+    normalize: bool = True,
+    batch_units: int = 8,
+    calibrate: bool = False,
+    calibrate_rounds: int = 4,
+    calibrate_tol: float = 0.02,
+    history: Optional[list] = None,
+) -> Plan:
+    """A plan whose ``target`` cost (flops, params or latency) is at most ``fraction`` of the dense model's.
+
+    ``mode="global"`` (NViT): units (``unit[kind]`` channels, one head, or per-head dims removed
+    from every head alike) are ranked by ``score - eta * (Lat(W) - Lat(W - unit))`` (the latency
+    term only with a ``latency_table``) and the lowest ``batch_units`` are removed per round until
+    the target is met (the last round stops at the first unit that meets it).  With ``normalize``
+    each group's scores are divided by their mean and all units' scores sum to 1, so kinds compare
+    by relative importance and ``eta`` weighs milliseconds against that share.
+    ``mode="uniform"``: one removal ratio for every group, the smallest that meets the target
+    (bisection); the baseline for magnitude scores.
+
+    ``scores`` maps group ids to 1-D scores (``[heads, dims]`` for per-head qk/v, ``[heads]`` for
+    head groups); missing entries mean magnitude.  Kept channel counts are multiples of
+    ``round_to`` (heads are not rounded) and at least ``min_width[kind]``.  ``target="latency"``
+    needs ``latency_table``; ``calibrate=True`` then compresses the analysed model, measures it
+    against the dense model on the table's runtime and corrects the planning fraction by secant
+    steps (at most ``calibrate_rounds`` measurements), returning the plan measured closest to the
+    target.  ``history`` (a list) receives one dict per planning/measuring round.
+    """
+    if target not in TARGETS:
+        raise PlanError(f"target must be one of {TARGETS}, got {target!r}")
+    if not 0.0 < fraction <= 1.0:
+        raise PlanError(f"fraction must be in (0, 1], got {fraction}")
+    if mode not in ("global", "uniform"):
+        raise PlanError(f"mode must be 'global' or 'uniform', got {mode!r}")
+    if round_to < 1:
+        raise PlanError(f"round_to must be >= 1, got {round_to}")
+    if target == "latency" and latency_table is None:
+        raise PlanError("target='latency' needs a latency_table (vitgraph.LatencyTable)")
+    kinds = tuple(kinds) if kinds is not None else DEFAULT_KINDS
+    bad = [k for k in kinds if k not in ("residual", "head", "qk", "v", "ffn", "other")]
+    if bad:
+        raise PlanError(f"unknown group kinds {bad}")
+    cm = CostModel(analysis)
+    scores = _complete_scores(analysis, scores, kinds)
+    args = dict(cm=cm, scores=scores, target=target, eta=eta, table=latency_table,
+                unit={**DEFAULT_UNIT, **(unit or {})}, min_width={**DEFAULT_MIN_WIDTH, **(min_width or {})},
+                round_to=round_to, kinds=kinds, mode=mode, normalize=normalize, batch_units=batch_units)
+    if not (calibrate and target == "latency"):
+        plan, widths, cost, dense = _plan_once(fraction=fraction, **args)
+        if history is not None:
+            history.append({"planned_fraction": fraction, "predicted": cost / dense, "widths": widths})
+        return plan
+    return _calibrated(analysis, fraction, args, calibrate_rounds, calibrate_tol, history)
+
+
+def _complete_scores(analysis: "Analysis", scores: Optional[Mapping[str, Any]], kinds: Sequence[str]) -> dict:
+    scores = {k: v for k, v in (scores or {}).items() if v is not None}
+    missing = [g.id for g in analysis.groups if g.kind in kinds and g.id not in scores]
+    if missing:
+        from vitgraph.passes.magnitude import magnitude_scores
+
+        scores.update(magnitude_scores(analysis, missing))
+    return scores
+
+
+def _states(cm: CostModel, scores: dict, unit: Mapping[str, int], min_width: Mapping[str, int],
+            round_to: int, kinds: Sequence[str], normalize: bool) -> dict[str, _GroupState]:
+    out = {}
+    an = cm.analysis
+    for g in an.groups:
+        if g.kind not in kinds:
+            continue
+        s = _as_np(scores[g.id])
+        if normalize and s.size and s.mean() > 0:
+            s = s / s.mean()
+        if g.kind == "head":
+            step, rt = max(1, int(unit.get("head", 1))), 1
+        else:
+            rt = round_to
+            step = math.lcm(max(1, int(unit.get(g.kind, 16))), rt)
+        mw = max(1, int(min_width.get(g.kind, 1)))
+        if g.kind != "head":
+            mw = max(rt, math.ceil(mw / rt) * rt)
+        mw = min(mw, g.size)
+        st = _GroupState(g, step, mw, g.size, rt, scores=s)
+        if s.ndim == 2 and g.per_head:
+            st.head_orders = np.argsort(s, axis=1, kind="stable")
+        else:
+            flat = s.sum(0) if s.ndim == 2 else s
+            st.scores = flat
+            st.order = np.argsort(flat, kind="stable")
+        out[g.id] = st
+    return out
+
+
+def _unit_score(st: _GroupState, nxt: int, states: dict[str, _GroupState]) -> float:
+    """Score of the channels (or heads) that go from ``st.width`` down to ``nxt``."""
+    drop = st.width - nxt
+    if st.head_orders is not None:
+        s = st.scores
+        heads = range(s.shape[0])
+        hs = states.get(st.g.head_group)
+        if hs is not None and hs.order is not None:
+            heads = hs.order[hs.g.size - hs.width:]  # kept heads
+        total = 0.0
+        for h in heads:
+            # each head keeps its top ``width`` dims; the next unit removes its lowest kept ones
+            kept = st.head_orders[h][st.g.size - st.width:]
+            total += float(s[h, kept[:drop]].sum())
+        return total
+    kept = st.order[st.g.size - st.width:]
+    return float(st.scores[kept[:drop]].sum())
+
+
+def _plan_once(cm: CostModel, scores: dict, target: str, fraction: float, eta: float, table: Optional["LatencyTable"],
+               unit: Mapping[str, int], min_width: Mapping[str, int], round_to: int, kinds: Sequence[str],
+               mode: str, normalize: bool, batch_units: int) -> tuple[Plan, dict[str, int], float, float]:
+    states = _states(cm, scores, unit, min_width, round_to, kinds, normalize)
+    dense = cm.cost(target, {}, table)
+    goal = fraction * dense
+    floor = cm.cost(target, {gid: st.min_w for gid, st in states.items()}, table)
+    if floor > goal * (1 + 1e-9):
+        raise PlanError(
+            f"cannot reach {target} fraction {fraction:.3f}: with every group of kinds {list(kinds)} at its minimum width "
+            f"the {target} is still {floor / dense:.3f} of the dense model's (lower min_width or add kinds)"
+        )
+    if mode == "uniform":
+        widths = _uniform(cm, states, target, goal, table)
+    else:
+        widths = _global(cm, states, target, goal, eta, table, normalize, batch_units)
+    for gid, w in widths.items():
+        states[gid].width = w
+    plan = _to_plan(cm.analysis, states)
+    if table is not None:
+        table.save()
+    return plan, widths, cm.cost(target, widths, table), dense
+
+
+def _uniform_widths(states: dict[str, _GroupState], ratio: float) -> dict[str, int]:
+    out = {}
+    for gid, st in states.items():
+        n = st.g.size * (1.0 - ratio)
+        if st.round_to > 1:
+            n = round(n / st.round_to) * st.round_to
+        out[gid] = int(min(st.g.size, max(st.min_w, round(n))))
+    return out
+
+
+def _uniform(cm: CostModel, states: dict, target: str, goal: float, table: Optional["LatencyTable"]) -> dict[str, int]:
+    lo, hi = 0.0, 1.0
+    if cm.cost(target, _uniform_widths(states, 0.0), table) <= goal:
+        return _uniform_widths(states, 0.0)
+    for _ in range(40):  # cost(ratio) is a non-increasing step function: find its first step below goal
+        mid = 0.5 * (lo + hi)
+        if cm.cost(target, _uniform_widths(states, mid), table) <= goal:
+            hi = mid
+        else:
+            lo = mid
+    return _uniform_widths(states, hi)
+
+
+def _global(cm: CostModel, states: dict, target: str, goal: float, eta: float, table: Optional["LatencyTable"],
+            normalize: bool, batch_units: int) -> dict[str, int]:
+    widths = {gid: st.width for gid, st in states.items()}
+    scale = 1.0
+    if normalize:
+        total = 0.0
+        for st in states.values():
+            total += float(np.abs(st.scores).sum()) if st.scores is not None else 0.0
+        scale = 1.0 / total if total > 0 else 1.0
+    use_lat = table is not None and eta != 0.0
+    cost = cm.cost(target, widths, table)
+    while cost > goal:
+        cands = []
+        for gid, st in states.items():
+            nxt = st.next_width()
+            if nxt is None:
+                continue
+            pri = _unit_score(st, nxt, states) * scale
+            if use_lat:
+                pri -= eta * cm.latency_delta(widths, gid, nxt, table)
+            cands.append((pri, gid, nxt))
+        if not cands:
+            break
+        removed = 0
+        for pri, gid, nxt in heapq.nsmallest(batch_units, cands):
+            st = states[gid]
+            if st.next_width() != nxt:
+                continue
+            st.width = widths[gid] = nxt
+            removed += 1
+            cost = cm.cost(target, widths, table)
+            if cost <= goal:
+                break
+        if removed == 0:
+            break
+    return widths
+
+
+def _to_plan(analysis: "Analysis", states: dict[str, _GroupState]) -> Plan:
+    plan = Plan.keep_all(analysis)
+    for gid, st in states.items():
+        if st.width >= st.g.size:
+            continue
+        if st.head_orders is not None:
+            plan.kept[gid] = [sorted(row[st.g.size - st.width:].tolist()) for row in st.head_orders]
+        else:
+            plan.kept[gid] = sorted(int(i) for i in st.order[st.g.size - st.width:])
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# closed loop on latency
+
+
+def measure_fraction(
+    model: nn.Module, slim: nn.Module, table: "LatencyTable", input_shape: Sequence[int],
+    reps: int = 5, rounds: int = 5, workdir: Optional[str | Path] = None,
+) -> tuple[float, float, float]:
+    """(slim / dense latency, dense ms, slim ms): medians of interleaved runs on the table's runtime."""
+    from .measure import measure_latency, ort_runner, torch_runner
+
+    x = torch.randn(table.batch, *input_shape[1:])
+    cuda = table.runtime.endswith("cuda")
+    if table.threads is not None:
+        torch.set_num_threads(table.threads)
+    if table.runtime.startswith("torch"):
+        dev = "cuda" if cuda else "cpu"
+        xd = x.to(dev)
+        fns = {"dense": torch_runner(model.to(dev).eval(), xd), "slim": torch_runner(slim.to(dev).eval(), xd)}
+    else:
+        from .export import export_onnx
+
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+        with tempfile.TemporaryDirectory(dir=workdir) as d:
+            paths = {}
+            for name, m in (("dense", model), ("slim", slim)):
+                paths[name] = Path(d) / f"{name}.onnx"
+                export_onnx(m, paths[name], (x[:1],), check=False)
+            fns = {n: ort_runner(p, x, providers=providers, threads=table.threads) for n, p in paths.items()}
+    stats = measure_latency(fns, warmup=2, reps=reps, rounds=rounds)
+    return stats["slim"].median_ms / stats["dense"].median_ms, stats["dense"].median_ms, stats["slim"].median_ms
+
+
+def _calibrated(analysis: "Analysis", fraction: float, args: dict, rounds: int, tol: float,
+                history: Optional[list]) -> Plan:
+    from .api import compress
+
+    model = analysis.model
+    if model is None:
+        raise PlanError("calibrate=True needs the analysed model alive (keep a reference to it)")
+    table = args["table"]
+    tried: list[tuple[float, float, Plan]] = []  # (planning fraction, measured fraction, plan)
+    f = fraction
+    best: Optional[tuple[float, Plan]] = None
+    for i in range(max(1, rounds)):
+        try:
+            plan, widths, cost, dense = _plan_once(fraction=f, **args)
+        except PlanError:
+            if not tried:
+                raise
+            break
+        slim = compress(model, plan, analysis)
+        achieved, dense_ms, slim_ms = measure_fraction(model, slim, table, analysis.input_shapes[0])
+        if history is not None:
+            history.append({"round": i, "planned_fraction": f, "predicted": cost / dense, "achieved": achieved,
+                            "dense_ms": dense_ms, "slim_ms": slim_ms, "widths": widths})
+        err = abs(achieved - fraction)
+        if best is None or err < best[0]:
+            best = (err, plan)
+        if err <= tol * fraction:
+            break
+        tried.append((f, achieved, plan))
+        if len(tried) >= 2 and abs(tried[-1][1] - tried[-2][1]) > 1e-4:
+            slope = (tried[-1][1] - tried[-2][1]) / (tried[-1][0] - tried[-2][0]) if tried[-1][0] != tried[-2][0] else 1.0
+            slope = slope if slope > 0.1 else 1.0
+        else:
+            slope = 1.0
+        f = min(1.0, max(0.02, f + (fraction - achieved) / slope))
+        if any(abs(f - t[0]) < 1e-4 for t in tried):
+            break
+    return best[1]  # type: ignore[index]  (the first round always sets it)
