@@ -12,10 +12,11 @@ from .latency import LatencyTable
 from .plan import Plan
 from .planner import CostModel, plan_to_target
 from .rules import register_rule
+from .score import Scores, score
 
 __all__ = [
     "Analysis", "ChannelGroup", "CostModel", "FrozenChannels", "LatencyTable", "Plan", "plan_to_target", "analyze", "compress", "mask",
-    "register_rule", "export_onnx", "sparsify_24", "TraceError", "PlanError", "AnalysisError", "ExportError", "VitgraphError",
+    "register_rule", "export_onnx", "score", "Scores", "sparsify_24", "TraceError", "PlanError", "AnalysisError", "ExportError", "VitgraphError",
 ]
 __version__ = "0.1.0"
 

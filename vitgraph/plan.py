@@ -82,7 +82,7 @@ class Plan:
         cls,
         analysis: "Analysis",
         scores: Optional[Mapping[str, Optional[torch.Tensor]]] = None,
-        ratio: float = 0.5,
+        ratio: Optional[float] = 0.5,
         kinds: Optional[Iterable[str]] = None,
         round_to: int = 1,
         min_keep: int = 1,
@@ -92,9 +92,16 @@ class Plan:
         ``scores`` maps group ids to 1-D importance per unit (or ``[heads, dims]`` for per-head
         ``qk``/``v`` groups); a missing or ``None`` entry means magnitude.  Kept channel counts are
         rounded to multiples of ``round_to`` (not for heads) and never fall below ``min_keep``.
+        ``ratio=None`` takes each group's kept count from ``scores.keep`` (scores from a method
+        that learns widths, such as ``vitgraph.score(..., "threshold")``).
         """
-        if not 0.0 <= ratio < 1.0:
+        learned = getattr(scores, "keep", None) if ratio is None else None
+        if ratio is None and not learned:
+            raise PlanError("ratio=None needs scores that carry learned widths (scores.keep)")
+        if ratio is not None and not 0.0 <= ratio < 1.0:
             raise PlanError(f"ratio must be in [0, 1), got {ratio}")
+        if learned:
+            kinds = tuple(kinds) if kinds is not None else tuple({analysis.group(gid).kind for gid in learned})
         kinds = tuple(kinds) if kinds is not None else DEFAULT_KINDS
         bad = [k for k in kinds if k not in ("residual", "head", "qk", "v", "ffn", "other")]
         if bad:
@@ -109,7 +116,12 @@ class Plan:
         for g in analysis.groups:
             if g.kind not in kinds:
                 continue
-            n = _target_count(g.size, ratio, 1 if g.kind == "head" else round_to, min_keep)
+            if learned:
+                if g.id not in learned:
+                    continue
+                n = int(min(g.size, max(1, min_keep, learned[g.id])))
+            else:
+                n = _target_count(g.size, ratio, 1 if g.kind == "head" else round_to, min_keep)
             s = torch.as_tensor(scores[g.id], dtype=torch.float64)
             plan.kept[g.id] = _top(s, n, g.per_head)
         return plan

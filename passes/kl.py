@@ -1,0 +1,138 @@
+"""KL importance (UP-ViT): how far the output distribution moves when one unit is removed.
+
+``s_u = sum_x KL(q(x) || p_u(x))`` over a proxy set, ``q`` the original model's softmax output
+and ``p_u`` the output with unit ``u`` zeroed (every weight linked to it gated to 0, see
+``passes.gates``).  Two modes:
+
+* ``"exact"``: the definition, by batched masking: ``torch.func.vmap`` runs ``chunk`` masked
+  copies of the weights in one forward pass, so a group of ``N`` units costs ``N / chunk`` passes
+  per batch instead of one model per unit.
+* ``"approx"``: the second-order expansion.  ``KL`` is zero with zero gradient at ``g = 1``, so
+  ``KL(q || p_u) ~= 1/2 F_uu``, ``F`` the Fisher information of the output distribution in the
+  gates: ``F_uu = E_x E_{y ~ q(x)} (d log p_y(x) / d g_u)^2``.  Per-example gradients come from
+  ``vmap(grad)``; the expectation over ``y`` is exact for up to ``max_exact_classes`` classes and
+  sampled (``samples`` draws) above that.  Its cost is ``classes`` (or ``samples``) backward passes
+  over the proxy set, independent of the number of units.
+
+Residual channels are zeroed, not removed: LayerNorm statistics still count them, so their scores
+measure a slightly different change than slicing does (UP-ViT's code masks the same way).
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Iterable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from vitgraph.distributed import all_reduce_sum, shard
+from vitgraph.passes.gates import PRUNABLE, GateSet, model_tensors
+from vitgraph.passes.scoring_common import log, logits_of, scoring_graph, split_batch, to_device
+
+if TYPE_CHECKING:
+    from vitgraph.analysis import Analysis
+
+MODES = ("exact", "approx")
+
+
+def kl_scores(
+    analysis: "Analysis",
+    data: Iterable[Any],
+    mode: str = "approx",
+    kinds: Iterable[str] = PRUNABLE,
+    chunk: int = 16,
+    samples: int = 4,
+    max_exact_classes: int = 16,
+    temperature: float = 1.0,
+    max_batches: Optional[int] = None,
+    device: Optional[torch.device] = None,
+    seed: int = 0,
+    log_every: int = 10,
+) -> dict[str, torch.Tensor]:
+    """Per-unit KL importance of every group of ``kinds`` (shapes as ``Plan.from_scores`` takes).
+
+    ``data`` yields input batches or ``(inputs, targets)`` (targets are ignored: the original
+    model is the reference).  Under torch.distributed the batches are sharded and sums reduced.
+    """
+    if mode not in MODES:
+        raise ValueError(f"kl mode must be one of {MODES}, got {mode!r}")
+    if chunk < 1 or samples < 1:
+        raise ValueError(f"chunk and samples must be >= 1, got {chunk} and {samples}")
+    gates = GateSet(analysis, kinds=kinds)
+    if not gates.groups:
+        raise ValueError(f"the analysis has no groups of kinds {tuple(kinds)} to score")
+    src = analysis.graph_module
+    was_training = src.training
+    if device is not None:
+        src.to(device)
+    gm = scoring_graph(src).eval()
+    base = model_tensors(gm)
+    acc = {gid: torch.zeros(gates.numel(gid), dtype=torch.float64, device=device) for gid in gates.shapes}
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    n, t0 = 0, time.perf_counter()
+    try:
+        for i, batch in enumerate(shard(data)):
+            if max_batches is not None and i >= max_batches:
+                break
+            inputs, _ = split_batch(to_device(batch, device))
+            with torch.no_grad():
+                logq = F.log_softmax(logits_of(gm(*inputs)).double() / temperature, -1)
+            if mode == "exact":
+                _exact_batch(gm, gates, base, inputs, logq, temperature, chunk, acc)
+            else:
+                _approx_batch(gm, gates, base, inputs, logq, temperature, chunk, samples, max_exact_classes, gen, acc)
+            n += 1
+            if log_every and n % log_every == 0:
+                log.info("kl (%s): %d batches, %.1f s", mode, n, time.perf_counter() - t0)
+    finally:
+        src.train(was_training)
+    total = all_reduce_sum(acc)
+    return {gid: gates.unflatten(gid, v.float().cpu()) for gid, v in total.items()}
+
+
+def _exact_batch(gm, gates: GateSet, base, inputs, logq, temperature, chunk, acc) -> None:
+    q = logq.exp()
+    for gid in gates.shapes:
+        n = gates.numel(gid)
+
+        def run(gv: torch.Tensor) -> torch.Tensor:
+            return logits_of(functional_call(gm, gates.apply(base, {gid: gv}), inputs))
+
+        for start in range(0, n, chunk):
+            k = min(chunk, n - start)
+            masks = torch.ones(k, n, device=logq.device)
+            masks[torch.arange(k), start + torch.arange(k)] = 0.0  # row j removes unit start + j
+            with torch.no_grad():
+                logits = vmap(run)(masks)
+            logp = F.log_softmax(logits.double() / temperature, -1)
+            acc[gid][start:start + k] += (q * (logq - logp)).sum(dim=(-1, -2))
+
+
+def _approx_batch(gm, gates: GateSet, base, inputs, logq, temperature, chunk, samples, max_exact, gen, acc) -> None:
+    q = logq.exp()
+    b, classes = q.shape
+    if classes <= max_exact:  # every class, weighted by q
+        ys = torch.arange(classes, device=q.device).repeat(b)
+        xs_idx = torch.arange(b, device=q.device).repeat_interleave(classes)
+        weights = q.reshape(-1)
+    else:  # y ~ q, each draw weighted 1 / samples
+        ys = torch.multinomial(q.float().cpu(), samples, replacement=True, generator=gen).to(q.device).reshape(-1)
+        xs_idx = torch.arange(b, device=q.device).repeat_interleave(samples)
+        weights = torch.full((b * samples,), 1.0 / samples, dtype=q.dtype, device=q.device)
+
+    def logp_y(g: dict[str, torch.Tensor], one: tuple[torch.Tensor, ...], y_hot: torch.Tensor) -> torch.Tensor:
+        out = logits_of(functional_call(gm, gates.apply(base, g), tuple(t.unsqueeze(0) for t in one)))
+        return (F.log_softmax(out / temperature, -1)[0] * y_hot).sum()
+
+    per_example = vmap(grad(logp_y), in_dims=(None, 0, 0))
+    ones = gates.ones(device=q.device)
+    for start in range(0, len(ys), chunk):
+        sl = slice(start, start + chunk)
+        sel = xs_idx[sl]
+        y_hot = F.one_hot(ys[sl], classes).to(next(iter(ones.values())).dtype)
+        grads = per_example(ones, tuple(t[sel] for t in inputs), y_hot)
+        w = weights[sl]
+        for gid, gr in grads.items():
+            # KL ~ 1/2 F_uu, F_uu = sum_y q_y (d log p_y / d g_u)^2
+            acc[gid] += 0.5 * (w[:, None] * gr.double() ** 2).sum(0)
