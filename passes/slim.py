@@ -380,10 +380,12 @@ def _split_one(rc: RewriteContext, graph: fx.Graph, store: Any, node: fx.Node, t
             if positions != {dim % (len(td.shape))}:
                 raise PlanError(f"cannot split the sections of {node.format_node()}: unbind over another dim")
             for g in list(u.users):
+                _take_meta(outs[g.args[1]][0], g)
                 g.replace_all_uses_with(outs[g.args[1]][0])
                 graph.erase_node(g)
             graph.erase_node(u)
         elif u.target is operator.getitem and isinstance(u.args[1], int) and positions == {0}:
+            _take_meta(outs[u.args[1]][0], u)
             u.replace_all_uses_with(outs[u.args[1]][0])
             graph.erase_node(u)
         else:
@@ -391,6 +393,13 @@ def _split_one(rc: RewriteContext, graph: fx.Graph, store: Any, node: fx.Node, t
     for op in reversed(chain):
         graph.erase_node(op)
     graph.erase_node(node)
+
+
+def _take_meta(new: fx.Node, old: fx.Node) -> None:
+    """A section's new node stands for the old one: later rewrites read its original dims."""
+    for key in (META_KEY, "tensor_meta"):
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
 
 
 def _replay(graph: fx.Graph, op: fx.Node, x: fx.Node, s: int) -> tuple[fx.Node, int]:

@@ -335,7 +335,9 @@ def _build_groups(an: Analysis) -> None:
     for a, kind, params, nodes in raw:
         head, per_head = None, False
         if kind in ("qk", "v"):
-            partners = [set(b) & heads for b in blocks_with.get(a, [])]
+            # per-head sets need the head axis outside the dim in every sliced parameter: a
+            # dim-major product (D, H) cannot hold different dims per head
+            partners = [{h for h in b[:b.index(a)] if h in heads} for b in blocks_with.get(a, [])]
             common = set.intersection(*partners) if partners else set()
             if len(common) == 1:
                 h = common.pop()

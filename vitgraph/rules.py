@@ -323,6 +323,21 @@ def repeat_rule(ctx: RuleContext, node: fx.Node) -> Any:
     return td.with_dims(dims, shp)
 
 
+@register_rule("repeat_interleave", torch.repeat_interleave)
+def repeat_interleave_rule(ctx: RuleContext, node: fx.Node) -> Any:
+    """Repeat each element along ``dim``; repeating along a channel dim freezes it."""
+    td, shp = ctx.dims(node.args[0]), ctx.out_shape()
+    dim = arg(node, 2, "dim")
+    if not isinstance(td, TensorDims) or dim is None or shp is None or len(shp) != len(td.shape):
+        return no_rule(ctx, node)
+    d = norm_dim(int(dim), len(td.shape))
+    dims = list(td.dims)
+    if dims[d] is not None and td.shape[d] != shp[d]:
+        ctx.freeze(dims[d], "repeat", "channels repeated")
+        dims[d] = None
+    return td.with_dims(dims, shp)
+
+
 @register_rule("reshape", "view", torch.reshape, "flatten", torch.flatten, "unflatten", torch.unflatten, nn.Flatten, nn.Unflatten,
                "reshape_as", "view_as")
 def reshape_rule(ctx: RuleContext, node: fx.Node) -> Any:
@@ -737,9 +752,9 @@ def cat_rule(ctx: RuleContext, node: fx.Node) -> Any:
             blocks: list = []
             for t, lay in zip(tensors, lays):
                 if lay is None:
-                    f = ctx.fresh(t.shape[k], "dimension without channels concatenated with channels")
-                    ctx.freeze(f, "cat", "concatenated with a dimension without channels")
-                    lay = f
+                    # a placeholder axis (even of size 1) keeps the positions of the other parts
+                    lay = single(ctx.store.new(t.shape[k], "dimension without channels concatenated with channels"))
+                    ctx.freeze(lay, "cat", "concatenated with a dimension without channels")
                 blocks.extend(lay)
             dims.append(tuple(blocks))
         else:

@@ -11,7 +11,7 @@ from torch import nn
 
 from .axes import Layout, single
 from .context import RuleContext, TensorDims
-from .rules import arg, broadcast, no_rule, norm_dim, register_rule
+from .rules import arg, broadcast, no_rule, norm_dim, register_rule, reshape_dims
 
 
 def linear_dims(ctx: RuleContext, x: TensorDims, w: TensorDims, b: Optional[TensorDims]) -> TensorDims:
@@ -97,6 +97,14 @@ def batch_norm_module(ctx: RuleContext, node: fx.Node) -> Any:
     return channel_norm(ctx, ctx.dims(node.args[0]), ps)
 
 
+@register_rule(F.batch_norm)
+def batch_norm_function(ctx: RuleContext, node: fx.Node) -> Any:
+    """F.batch_norm(x, running_mean, running_var, weight, bias, ...): all follow the channel dim."""
+    names = ("running_mean", "running_var", "weight", "bias")
+    ps = [ctx.dims(arg(node, i, n)) for i, n in enumerate(names, 1)]
+    return channel_norm(ctx, ctx.dims(node.args[0]), [p for p in ps if isinstance(p, TensorDims)])
+
+
 @register_rule(nn.GroupNorm)
 def group_norm_module(ctx: RuleContext, node: fx.Node) -> Any:
     """nn.GroupNorm: prunable when it has one group or one channel per group."""
@@ -176,6 +184,30 @@ def spatial_rule(ctx: RuleContext, node: fx.Node) -> Any:
             if d is not None:
                 ctx.freeze(x.dims[norm_dim(int(d), len(x.shape))], "roll", "channels rolled")
     return TensorDims(shp, tuple(dims), x.live)
+
+
+@register_rule(nn.Unfold, F.unfold)
+def unfold_rule(ctx: RuleContext, node: fx.Node) -> Any:
+    """im2col ``(B, C, *spatial) -> (B, C * window, L)``: channels are the outer factor of dim 1,
+    the window positions (no channels, frozen) the inner one."""
+    x, shp = ctx.dims(node.args[0]), ctx.out_shape()
+    if not isinstance(x, TensorDims) or shp is None or len(shp) != 3 or shp[1] % x.shape[1]:
+        return no_rule(ctx, node)
+    window = shp[1] // x.shape[1]
+    im2col = TensorDims((x.shape[0], x.shape[1], window, shp[2]), (x.dims[0], x.dims[1], None, None), x.live)
+    return reshape_dims(ctx, im2col, shp, "unfold")
+
+
+@register_rule(nn.Fold, F.fold)
+def fold_rule(ctx: RuleContext, node: fx.Node) -> Any:
+    """col2im ``(B, C * window, L) -> (B, C, *spatial)``: the inverse of unfold; the window
+    positions are summed away."""
+    x, shp = ctx.dims(node.args[0]), ctx.out_shape()
+    if not isinstance(x, TensorDims) or shp is None or len(x.shape) != 3 or x.shape[1] % shp[1]:
+        return no_rule(ctx, node)
+    cols = reshape_dims(ctx, x, (x.shape[0], shp[1], x.shape[1] // shp[1], x.shape[2]), "fold")
+    ctx.freeze(cols.dims[2], "fold", "window positions")
+    return TensorDims(shp, (cols.dims[0], cols.dims[1]) + (None,) * (len(shp) - 2), x.live)
 
 
 # ---------------------------------------------------------------------------------------------
