@@ -485,10 +485,18 @@ def _plan_once(cm: CostModel, scores: dict, target: str, fraction: float, eta: f
             f"cannot reach {target} fraction {fraction:.3f}: with every group of kinds {list(kinds)} at its minimum width "
             f"the {target} is still {floor / dense:.3f} of the dense model's (lower min_width or add kinds)"
         )
-    if mode == "uniform":
-        widths = _uniform(cm, states, target, goal, table)
-    else:
-        widths = _global(cm, states, target, goal, eta, table, normalize, batch_units)
+    for attempt in range(3):
+        for st in states.values():
+            st.width = st.g.size
+        if mode == "uniform":
+            widths = _uniform(cm, states, target, goal, table)
+        else:
+            widths = _global(cm, states, target, goal, eta, table, normalize, batch_units)
+        # points measured while planning are re-measured (noise-robust) and the plan redone
+        if table is None or not table.fresh or attempt == 2:
+            break
+        table.refine()
+        dense, goal = cm.cost(target, {}, table), fraction * cm.cost(target, {}, table)
     for gid, w in widths.items():
         states[gid].width = w
     plan = _to_plan(cm.analysis, states)
