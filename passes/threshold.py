@@ -12,8 +12,9 @@ The budget ``s`` (remaining fraction of parameters or FLOPs) generalises WDPruni
 formula: a parameter keeps ``numel * prod_d f_d`` elements, ``f_d`` the kept fraction of its dim
 ``d`` (the mean over positions of the product of the keep ratios of the groups laid out there), and
 an op keeps its FLOPs times the kept fractions of its output and of its contracted input dim.  The
-penalty ``lambda1 (s - t) + lambda2 (s - t)^2`` applies while ``s > t``; ``lambda1``/``lambda2``
-grow by gradient ascent (augmented Lagrangian).
+penalty ``lambda1 (s - t) + lambda2 (s - t)^2`` applies while ``s > t`` (WDPruning,
+``penalty="above"``) or on both sides (``penalty="both"``, the default, which settles at the
+target whatever the data); ``lambda1``/``lambda2`` follow gradient ascent (augmented Lagrangian).
 """
 from __future__ import annotations
 
@@ -375,7 +376,7 @@ def learn_thresholds(
     steps: Optional[int] = 300,
     lr: float = 0.05,
     lambda_lr: float = 1.0,
-    penalty: str = "above",
+    penalty: str = "both",
     round_to: int = 1,
     train_weights: bool = False,
     weight_lr: float = 1e-4,
@@ -391,6 +392,12 @@ def learn_thresholds(
     fraction of parameters (``budget="params"``) or FLOPs (``"flops"``).  The model is not changed;
     with ``train_weights`` its weights are trained too and returned in ``ThresholdResult.weights``.
     ``callback`` gets the log record (step, loss, budget, lambda1, lambda2) every ``log_every`` steps.
+
+    ``penalty="both"`` (default) applies ``lambda1 (s - t) + lambda2 (s - t)^2`` on both sides of the
+    target, ``lambda1`` free to turn negative, so the budget settles at ``t`` whatever the data;
+    ``"above"`` is WDPruning's one-sided form (only while ``s > t``), which relies on the task loss
+    to hold the budget up and may end below ``t``.  The budget the penalty sees is computed from
+    the hard kept counts, so it is the budget of the compressed model.
     """
     if analysis.model is not model:
         raise ValueError("analysis was made for another model (call vitgraph.analyze(model, x) first)")
