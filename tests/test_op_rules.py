@@ -443,3 +443,152 @@ def test_op_without_rule_freezes_and_reports():
     assert kinds_and_sizes(an) == [("ffn", 16), ("residual", C)], str(an)
     assert all(("block.fc1.weight", 0) not in g.params for g in an.groups)
     assert_exact(m, an)
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. patterns from families off the coverage list (general op semantics, synthetic models)
+
+
+class OutlookValues(nn.Module):
+    """VOLO-style: values unfolded over 3x3 windows (``F.unfold``), weighted per head by
+    attention over window positions, folded back (``F.fold``); head dim read from the shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.v = nn.Linear(C, C)
+        self.attn = nn.Linear(C, H * 9 * 9)
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        img = self.v(x).transpose(1, 2).reshape(b, c, 3, 3)
+        cols = F.unfold(img, 3, padding=1).reshape(b, H, c // H, 9, n).permute(0, 1, 4, 3, 2)  # B,H,L,9,D
+        a = self.attn(x).reshape(b, n, H, 9, 9).permute(0, 2, 1, 3, 4).softmax(-1)  # B,H,L,9,9
+        o = (a @ cols).permute(0, 1, 4, 3, 2).reshape(b, c * 9, n)
+        o = F.fold(o, (3, 3), 3, padding=1).reshape(b, c, n).transpose(1, 2)
+        return x + self.proj(o)
+
+
+def test_unfold_and_fold_keep_channels_prunable():
+    """Channels pass through unfold (outer factor of C x window) and fold (window summed)."""
+    m = build(OutlookValues)
+    an = vitgraph.analyze(m, inputs(1))
+    assert not an.unruled, an.unruled
+    assert ("v", D) in kinds_and_sizes(an) and ("head", H) in kinds_and_sizes(an), str(an)
+    assert ("block.v.weight", 0) in only(an, "v").params
+    assert_exact(m, an)
+
+
+class FunctionalBatchNormMLP(nn.Module):
+    """MLP whose hidden units go through ``F.batch_norm`` with module-held statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(C, 24), nn.Linear(24, C)
+        self.weight, self.bias = nn.Parameter(torch.randn(24)), nn.Parameter(torch.randn(24))
+        self.register_buffer("running_mean", torch.randn(24))
+        self.register_buffer("running_var", torch.rand(24) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x).transpose(1, 2)
+        h = F.batch_norm(h, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, 1e-5)
+        return x + self.fc2(F.gelu(h.transpose(1, 2)))
+
+
+def test_functional_batch_norm_follows_the_channel_dim():
+    m = build(FunctionalBatchNormMLP)
+    an = vitgraph.analyze(m, inputs(1))
+    assert kinds_and_sizes(an) == [("ffn", 24), ("residual", C)], str(an)
+    assert {("block.running_var", 0), ("block.weight", 0)} <= set(only(an, "ffn").params)
+    assert_exact(m, an)
+
+
+class RepeatTokensMLP(nn.Module):
+    """Hidden activations repeated along tokens (``repeat_interleave``), then every other kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(C, 24), nn.Linear(24, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.fc1(x)).repeat_interleave(2, dim=1)
+        return x + self.fc2(h)[:, 1::2]
+
+
+def test_repeat_interleave_along_tokens_keeps_channels():
+    m = build(RepeatTokensMLP)
+    an = vitgraph.analyze(m, inputs(1))
+    assert kinds_and_sizes(an) == [("ffn", 24), ("residual", C)], str(an)
+    assert_exact(m, an)
+
+
+class PrefixTokens(nn.Module):
+    """A class token (one row) and register tokens (a parameter with a token dim) prepended."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, C))
+        self.reg = nn.Parameter(torch.randn(1, 4, C))
+        self.fc1, self.fc2 = nn.Linear(C, 24), nn.Linear(24, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        x = torch.cat([self.cls.expand(b, -1, -1), self.reg.expand(b, -1, -1), x], dim=1)
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+def test_cat_of_a_single_token_with_a_parameter_token_dim():
+    """The register tokens' token dim is a parameter dim; concatenating it with the one class
+    token must not fail: the residual stays one prunable group."""
+    m = build(PrefixTokens)
+    an = vitgraph.analyze(m, inputs(1))
+    assert not an.unruled, an.unruled
+    assert kinds_and_sizes(an) == [("ffn", 24), ("residual", C)], str(an)
+    assert {("block.cls", 2), ("block.reg", 2)} <= set(only(an, "residual").params)
+    assert_exact(m, an)
+
+
+class DimMajorMerge(nn.Module):
+    """Attention whose output is merged dim-major (NesT: ``permute(0, 2, 3, 1)`` puts the heads
+    last), so ``proj`` sees ``(D, H)``; q/k stay head-major."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(C, 3 * C)
+        self.proj = nn.Linear(C, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, H, c // H).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v)  # B, H, N, D
+        return x + self.proj(o.permute(0, 2, 3, 1).reshape(b, n, c))
+
+
+def test_dim_major_merge_gets_one_value_set_for_all_heads():
+    """A (D, H) dim cannot hold different dims per head: v is shared across heads, qk is not;
+    random keep-sets (ragged q/k vs v) compress exactly."""
+    m = build(DimMajorMerge)
+    an = vitgraph.analyze(m, inputs(1))
+    assert only(an, "qk").per_head and not only(an, "v").per_head, str(an)
+    assert_exact(m, an)
+
+
+class OptionalMaskNet(Net):
+    """``forward(x, mask=None)`` with a branch on the optional argument (Hiera)."""
+
+    def __init__(self) -> None:
+        super().__init__(LayerScaleSwiGLU())
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is not None:
+            x = x * mask.view(x.shape[0], -1, 1)
+        return super().forward(x)
+
+
+def test_forward_defaults_are_traced_as_constants():
+    """Arguments the example inputs do not give keep their defaults while tracing."""
+    torch.manual_seed(0)
+    m = OptionalMaskNet().eval()
+    an = vitgraph.analyze(m, inputs(1))
+    assert kinds_and_sizes(an) == [("ffn", 24), ("residual", C)], str(an)
+    assert_exact(m, an)

@@ -749,6 +749,13 @@ def cat_rule(ctx: RuleContext, node: fx.Node) -> Any:
             if all(lay is None for lay in lays):
                 dims.append(None)
                 continue
+            if any(t.live and lay is None for t, lay in zip(tensors, lays)):
+                # an activation's dim without channels (tokens): parameter rows concatenated to
+                # it (class, register tokens) are tokens too
+                for lay in lays:
+                    ctx.freeze(lay, "cat", "concatenated with a dimension without channels (tokens)")
+                dims.append(None)
+                continue
             blocks: list = []
             for t, lay in zip(tensors, lays):
                 if lay is None:

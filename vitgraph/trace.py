@@ -83,10 +83,27 @@ def _user_frame(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno}: {code}"
 
 
-def _trace_once(model: nn.Module, honour_timm: bool) -> fx.GraphModule:
+def _defaults_beyond(model: nn.Module, n_inputs: int) -> dict[str, Any]:
+    """Defaults of the ``forward`` arguments the example inputs do not give (``mask=None``,
+    flags): the model is called without them, so they are traced as those constants."""
+    import inspect
+
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    for p in params[n_inputs:]:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.default is p.empty:
+            continue
+        out[p.name] = p.default
+    return out
+
+
+def _trace_once(model: nn.Module, honour_timm: bool, n_inputs: int = 1) -> fx.GraphModule:
     tracer = ViTTracer(honour_timm)
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_defaults_beyond(model, n_inputs) or None)
     except Exception as e:  # noqa: BLE001 - every tracing failure becomes one typed error
         where = tracer.failed_in or "<root>"
         mod = model.get_submodule(where) if where not in ("", "<root>") else model
@@ -108,10 +125,10 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphM
     model.eval()
     try:
         try:
-            gm = _trace_once(model, honour_timm=False)
+            gm = _trace_once(model, honour_timm=False, n_inputs=len(example_inputs))
         except TraceError as first:
             try:
-                gm = _trace_once(model, honour_timm=True)
+                gm = _trace_once(model, honour_timm=True, n_inputs=len(example_inputs))
             except TraceError:
                 raise first from None
         gm.meta["vitgraph.honour_timm"] = False
