@@ -208,9 +208,11 @@ def drop_blocks(model: nn.Module, analysis: "Analysis", blocks: Union[BlockRef, 
             gm.graph.erase_node(node)
     gm = _finish(gm)
     for b in chosen:
-        left = [n.name for n in gm.graph.nodes if _inside(_module_path(n), b.name) and n.op != "get_attr"]
+        # shape reads and asserts on the skip may stay; nothing holding the block's weights may
+        left = [n.name for n in gm.graph.nodes if n.op in ("get_attr", "call_module") and _inside(_module_path(n), b.name)]
+        left += [n.name for n in gm.graph.nodes if n.op in ("get_attr", "call_module") and _inside(str(n.target), b.name)]
         if left:
-            raise PlanError(f"block {b.name!r} cannot be dropped: {left[:3]} are still used outside it")
+            raise PlanError(f"block {b.name!r} cannot be dropped: {sorted(set(left))[:3]} are still used outside it")
     return gm
 
 

@@ -211,3 +211,20 @@ def test_depth_errors(vit3):
         truncate(em, "blocks.2")
     with pytest.raises(ValueError, match="another model"):
         drop_blocks(copy.deepcopy(m), an, [0])
+
+
+def test_drop_block_torchvision_vit_keeps_its_input_asserts():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    m = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64,
+                                             mlp_dim=128, num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    an = vitgraph.analyze(m, x)
+    slim = drop_blocks(m, an, [1])
+    ref = copy.deepcopy(m)
+    with torch.no_grad():
+        layer = ref.encoder.layers[1]
+        for p in [*layer.self_attention.out_proj.parameters(), *layer.mlp[3].parameters()]:
+            p.zero_()
+    assert rel_err(slim(x), ref(x)) < 1e-6
+    assert count_params(slim) == count_params(m) - count_params(m.encoder.layers[1])
