@@ -246,11 +246,13 @@ class ExitModel(nn.Module):
     heads (also reachable inside ``graph_module``).
     """
 
-    def __init__(self, gm: fx.GraphModule, exit_blocks: Sequence[str], exit_nodes: Sequence[str]) -> None:
+    def __init__(self, gm: fx.GraphModule, exit_blocks: Sequence[str], exit_nodes: Sequence[str],
+                 all_blocks: Sequence[str]) -> None:
         super().__init__()
         self.graph_module = gm
         self.exit_blocks = tuple(exit_blocks)
         self._exit_nodes = tuple(exit_nodes)
+        self._all_blocks = tuple(all_blocks)  # every residual block, so integers index blocks as in add_exits
 
     @property
     def heads(self) -> list[ExitHead]:
@@ -279,7 +281,8 @@ def add_exits(
     _check_model(model, analysis)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    chosen = _resolve(residual_blocks(analysis), blocks)
+    all_blocks = residual_blocks(analysis)
+    chosen = _resolve(all_blocks, blocks)
     gm = copy.deepcopy(analysis.graph_module)
     named = {n.name: n for n in gm.graph.nodes}
     heads = nn.Module()
@@ -302,21 +305,25 @@ def add_exits(
     out.args = (tuple(exits) + (final,),)
     gm.graph.lint()
     gm.recompile()
-    return ExitModel(gm, [b.name for b in chosen], [e.name for e in exits])
+    return ExitModel(gm, [b.name for b in chosen], [e.name for e in exits], [b.name for b in all_blocks])
 
 
 def truncate(exit_model: ExitModel, exit_block: BlockRef) -> fx.GraphModule:
-    """The model up to ``exit_block``'s exit, whose logits it returns; later blocks are dropped."""
+    """The model up to the exit after ``exit_block`` (name, or block index as in :func:`add_exits`).
+
+    The result returns that exit's logits; every later block, the final norm and head are dropped.
+    """
     if not isinstance(exit_model, ExitModel):
         raise TypeError(f"truncate expects an ExitModel from add_exits, got {type(exit_model).__name__}")
+    name = exit_block
     if isinstance(exit_block, int) and not isinstance(exit_block, bool):
-        if not -len(exit_model.exit_blocks) <= exit_block < len(exit_model.exit_blocks):
-            raise PlanError(f"exit index {exit_block} out of range: exits are after {list(exit_model.exit_blocks)}")
-        i = exit_block % len(exit_model.exit_blocks)
-    elif exit_block in exit_model.exit_blocks:
-        i = exit_model.exit_blocks.index(exit_block)
-    else:
-        raise PlanError(f"no exit after block {exit_block!r}; exits are after {list(exit_model.exit_blocks)}")
+        blocks = exit_model._all_blocks
+        if not -len(blocks) <= exit_block < len(blocks):
+            raise PlanError(f"block index {exit_block} out of range: the model has {len(blocks)} residual blocks")
+        name = blocks[exit_block]
+    if name not in exit_model.exit_blocks:
+        raise PlanError(f"no exit after block {name!r}; exits are after {list(exit_model.exit_blocks)}")
+    i = exit_model.exit_blocks.index(name)
     gm = copy.deepcopy(exit_model.graph_module)
     node = next(n for n in gm.graph.nodes if n.name == exit_model._exit_nodes[i])
     out = next(n for n in gm.graph.nodes if n.op == "output")

@@ -22,7 +22,6 @@ import copy
 import itertools
 import logging
 import math
-import operator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Sequence
 
@@ -179,9 +178,10 @@ def _dim_values(entries: list[tuple[int, torch.Tensor]], flat: Sequence[torch.Te
     out = None
     for i, idx in entries:
         padded = torch.cat([flat[i], flat[i].new_ones(1)])
+        idx = idx.to(padded.device)
         v = padded[torch.where(idx >= 0, idx, padded.numel() - 1)]
         out = v if out is None else out * v
-    return out if out is not None else torch.ones(length)
+    return out if out is not None else flat[0].new_ones(length)
 
 
 # ---------------------------------------------------------------------------------------------

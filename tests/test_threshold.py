@@ -5,7 +5,6 @@ import copy
 import math
 
 import pytest
-import timm
 import torch
 
 import vitgraph
@@ -178,6 +177,10 @@ def test_truncated_exit_equals_exit_head_on_intermediate(vit3, tmp_path):
     assert not any(n.startswith("blocks.2.") for n, _ in short.named_parameters())
     rep = vitgraph.export_onnx(short, tmp_path / "exit.onnx", (x,))
     assert rep.max_abs_diff < 1e-4
+    # depth then width: the truncated model analyses and compresses like any other
+    an2 = vitgraph.analyze(short, x)
+    slim = vitgraph.compress(short, vitgraph.Plan.from_scores(an2, ratio=0.5, kinds=["ffn", "qk", "v"]))
+    assert slim(x).shape == (2, 10) and count_params(slim) < count_params(short)
 
 
 def test_mean_pool_exit_for_model_without_class_token():
@@ -206,9 +209,12 @@ def test_depth_errors(vit3):
         add_exits(m, an, ["blocks.0", 0], 10)
     with pytest.raises(ValueError, match="pool"):
         add_exits(m, an, [0], 10, pool="max")
-    em = add_exits(m, an, [0], 10)
+    em = add_exits(m, an, [1], 10)
+    assert truncate(em, 1).code == truncate(em, "blocks.1").code  # integers index blocks, as in add_exits
     with pytest.raises(PlanError, match=r"no exit after block 'blocks\.2'"):
         truncate(em, "blocks.2")
+    with pytest.raises(PlanError, match=r"no exit after block 'blocks\.0'"):
+        truncate(em, 0)
     with pytest.raises(ValueError, match="another model"):
         drop_blocks(copy.deepcopy(m), an, [0])
 
