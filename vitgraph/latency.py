@@ -202,7 +202,11 @@ class LatencyTable:
 
 
 def _time(fn: Callable[[], None], reps: int, min_time_ms: float) -> float:
-    """Median per-call ms over ``reps`` samples, each long enough to be timed (>= min_time_ms / reps)."""
+    """Fastest per-call ms over ``reps`` samples, each long enough to be timed (>= min_time_ms / reps).
+
+    The minimum, not the median: on a shared machine load only ever adds time, and a table point
+    should hold the op's own cost.
+    """
     fn()
     t0 = time.perf_counter()
     fn()
@@ -214,7 +218,7 @@ def _time(fn: Callable[[], None], reps: int, min_time_ms: float) -> float:
         for _ in range(inner):
             fn()
         samples.append((time.perf_counter() - t0) * 1e3 / inner)
-    return float(np.median(samples))
+    return float(np.min(samples))
 
 
 def _torch_op(family: str, dims: tuple[int, ...], device: str, threads: Optional[int]) -> Callable[[], None]:

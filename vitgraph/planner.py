@@ -584,11 +584,15 @@ def _to_plan(analysis: "Analysis", states: dict[str, _GroupState]) -> Plan:
 
 def measure_fraction(
     model: nn.Module, slim: nn.Module, table: "LatencyTable", input_shape: Sequence[int],
-    reps: int = 5, rounds: int = 5, workdir: Optional[str | Path] = None,
+    reps: int = 5, rounds: int = 5, cache: Optional[dict] = None,
 ) -> tuple[float, float, float]:
-    """(slim / dense latency, dense ms, slim ms): medians of interleaved runs on the table's runtime."""
+    """(slim / dense latency, dense ms, slim ms): medians of interleaved runs on the table's runtime.
+
+    ``cache`` (a dict kept by the caller) holds the dense model's runner between calls.
+    """
     from .measure import measure_latency, ort_runner, torch_runner
 
+    cache = {} if cache is None else cache
     x = torch.randn(table.batch, *input_shape[1:])
     cuda = table.runtime.endswith("cuda")
     if table.threads is not None:
@@ -596,19 +600,37 @@ def measure_fraction(
     if table.runtime.startswith("torch"):
         dev = "cuda" if cuda else "cpu"
         xd = x.to(dev)
-        fns = {"dense": torch_runner(model.to(dev).eval(), xd), "slim": torch_runner(slim.to(dev).eval(), xd)}
+        if "dense" not in cache:
+            cache["dense"] = torch_runner(model.to(dev).eval(), xd)
+        fns = {"dense": cache["dense"], "slim": torch_runner(slim.to(dev).eval(), xd)}
     else:
         from .export import export_onnx
 
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-        with tempfile.TemporaryDirectory(dir=workdir) as d:
-            paths = {}
-            for name, m in (("dense", model), ("slim", slim)):
-                paths[name] = Path(d) / f"{name}.onnx"
-                export_onnx(m, paths[name], (x[:1],), check=False)
-            fns = {n: ort_runner(p, x, providers=providers, threads=table.threads) for n, p in paths.items()}
+        with tempfile.TemporaryDirectory() as d:
+            if "dense" not in cache:
+                export_onnx(model, Path(d) / "dense.onnx", (x[:1],), check=False)
+                cache["dense"] = ort_runner(Path(d) / "dense.onnx", x, providers=providers, threads=table.threads)
+            export_onnx(slim, Path(d) / "slim.onnx", (x[:1],), check=False)
+            fns = {"dense": cache["dense"],
+                   "slim": ort_runner(Path(d) / "slim.onnx", x, providers=providers, threads=table.threads)}
     stats = measure_latency(fns, warmup=2, reps=reps, rounds=rounds)
     return stats["slim"].median_ms / stats["dense"].median_ms, stats["dense"].median_ms, stats["slim"].median_ms
+
+
+def _next_fraction(tried: list, fraction: float) -> float:
+    """Next planning fraction: a secant step through the last two (planned, measured) points, or a
+    proportional step (measured latency taken as proportional to planned) when the secant's slope
+    is implausible (measurement noise)."""
+    f, a = tried[-1][0], tried[-1][1]
+    step = f * fraction / a if a > 0 else f
+    if len(tried) >= 2:
+        f0, a0 = tried[-2][0], tried[-2][1]
+        if f != f0:
+            slope = (a - a0) / (f - f0)
+            if 0.3 <= slope <= 3.0:
+                step = f + (fraction - a) / slope
+    return min(1.0, max(0.02, step))
 
 
 def _calibrated(analysis: "Analysis", fraction: float, args: dict, rounds: int, tol: float,
@@ -622,6 +644,7 @@ def _calibrated(analysis: "Analysis", fraction: float, args: dict, rounds: int, 
     tried: list[tuple[float, float, Plan]] = []  # (planning fraction, measured fraction, plan)
     f = fraction
     best: Optional[tuple[float, Plan]] = None
+    cache: dict = {}
     for i in range(max(1, rounds)):
         try:
             plan, widths, cost, dense = _plan_once(fraction=f, **args)
@@ -630,7 +653,7 @@ def _calibrated(analysis: "Analysis", fraction: float, args: dict, rounds: int, 
                 raise
             break
         slim = compress(model, plan, analysis)
-        achieved, dense_ms, slim_ms = measure_fraction(model, slim, table, analysis.input_shapes[0])
+        achieved, dense_ms, slim_ms = measure_fraction(model, slim, table, analysis.input_shapes[0], cache=cache)
         if history is not None:
             history.append({"round": i, "planned_fraction": f, "predicted": cost / dense, "achieved": achieved,
                             "dense_ms": dense_ms, "slim_ms": slim_ms, "widths": widths})
@@ -640,12 +663,7 @@ def _calibrated(analysis: "Analysis", fraction: float, args: dict, rounds: int, 
         if err <= tol * fraction:
             break
         tried.append((f, achieved, plan))
-        if len(tried) >= 2 and abs(tried[-1][1] - tried[-2][1]) > 1e-4:
-            slope = (tried[-1][1] - tried[-2][1]) / (tried[-1][0] - tried[-2][0]) if tried[-1][0] != tried[-2][0] else 1.0
-            slope = slope if slope > 0.1 else 1.0
-        else:
-            slope = 1.0
-        f = min(1.0, max(0.02, f + (fraction - achieved) / slope))
+        f = _next_fraction(tried, fraction)
         if any(abs(f - t[0]) < 1e-4 for t in tried):
             break
     return best[1]  # type: ignore[index]  (the first round always sets it)
