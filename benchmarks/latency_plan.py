@@ -64,10 +64,15 @@ def main() -> None:
                            "dense_ms": dense_ms, "slim_ms": slim_ms, "plan_s": plan_s}
                     rows.append(row)
                     print(format_table([row]), flush=True)
+                    _write(args, rows)
                     if calibrate:
                         print("  calibration rounds: " + "; ".join(
                             f"planned {h['planned_fraction']:.3f} -> measured {h['achieved']:.3f}" for h in hist), flush=True)
     print(format_table(rows))
+    print(f"wrote {_write(args, rows)}")
+
+
+def _write(args: argparse.Namespace, rows: list) -> object:
     text = (f"Command: `python benchmarks/latency_plan.py {' '.join(sys.argv[1:])}`. Random weights, magnitude scores, "
             f"global (NViT-style) latency-aware planning over residual/head/qk/v/ffn, round_to={args.round_to}, "
             f"eta={args.eta}; {args.threads} intra-op thread(s). lut_pred: latency fraction the lookup table predicts; "
@@ -75,8 +80,7 @@ def main() -> None:
             "calls); rel_err = achieved / target - 1; rounds: planning rounds (each calibrated round compresses and "
             "measures once). plan_s includes measuring missing table points and the calibration runs. The machine is "
             "shared (2 cores, other jobs running), so measured fractions carry a few % of noise.\n")
-    path = write_results_md(args.name, "Latency-aware planning: target vs achieved latency fraction", rows, text)
-    print(f"wrote {path}")
+    return write_results_md(args.name, "Latency-aware planning: target vs achieved latency fraction", rows, text)
 
 
 if __name__ == "__main__":

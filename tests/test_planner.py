@@ -193,3 +193,26 @@ def test_compressed_onnx_has_no_new_op_types(setup, tmp_path):
     assert not extra, f"compressed graph adds op types {sorted(extra)}"
     with torch.no_grad():
         assert math.isfinite(float(slim(x).sum()))
+
+
+def test_compressed_onnx_matches_same_width_dense_graph(setup, tmp_path):
+    """The slim ONNX graph has exactly the ops (by type and count) of a dense model built at its widths."""
+    import collections
+
+    import onnx
+
+    model, x, an = setup
+    plan = vitgraph.Plan.keep_all(an).keep("residual", sorted(list(range(0, 96, 3)) + list(range(1, 96, 3))))
+    for g in an.groups:
+        if g.kind == "head":
+            plan.keep(g.id, [0, 2])
+        elif g.kind == "ffn":
+            plan.keep(g.id, sorted(list(range(0, 384, 3)) + list(range(1, 384, 3))))
+    slim = vitgraph.compress(model, plan, an)
+    same = tiny_vit(embed_dim=64, num_heads=2, mlp_ratio=4.0, depth=2)
+    assert count_flops(slim, x) == count_flops(same, x) and count_params(slim) == count_params(same)
+    hist = {}
+    for name, m in (("slim", slim), ("same", same)):
+        vitgraph.export_onnx(m, tmp_path / f"{name}.onnx", (x,), check=False)
+        hist[name] = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node)
+    assert hist["slim"] == hist["same"]
