@@ -163,3 +163,22 @@ def test_two_processes_score_like_one(setup, tmp_path):
     for m in one:
         for gid in one[m]:
             torch.testing.assert_close(two[m][gid], one[m][gid], rtol=1e-5, atol=1e-12)
+
+
+def test_score_command_writes_scores_and_a_plan(setup, tmp_path):
+    from vitgraph.cli import main
+
+    model, an, _ = setup
+    path = tmp_path / "tiny.pt"
+    torch.save(model, path)
+    rc = main(["score", str(path), "--input-size", "3,32,32", "--method", "hessian", "--batches", "2",
+               "--batch-size", "4", "--out", str(tmp_path / "s.pt"), "--plan", str(tmp_path / "plan.json"),
+               "--target", "flops:0.85", "--round-to", "4"])
+    assert rc == 0
+    saved = torch.load(tmp_path / "s.pt")
+    assert saved["method"] == "hessian" and set(saved["scores"]) == {g.id for g in an.groups if g.kind != "other"}
+    plan = vitgraph.Plan.from_json((tmp_path / "plan.json").read_text())
+    slim = vitgraph.compress(model, plan)
+    x = torch.randn(1, 3, 32, 32)
+    from vitgraph.measure import count_flops
+    assert count_flops(slim, (x,)) <= 0.85 * count_flops(model, (x,))

@@ -1,4 +1,4 @@
-"""The ``vitgraph`` console command: inspect, explain, compress, export, check-24."""
+"""The ``vitgraph`` console command: inspect, explain, score, compress, export, check-24."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +46,64 @@ def cmd_explain(a: argparse.Namespace) -> int:
             print(an.explain(g.id))
         print("frozen:\n" + an.explain_frozen())
     return 0
+
+
+def _score_data(a: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor) -> list:
+    """Batches for ``vitgraph score``: Fashion-MNIST, a saved ``(inputs, targets)`` file, or random."""
+    from .data import batches, fit_input, load_fashion_mnist
+
+    n = a.batches * a.batch_size
+    if a.data == "random":
+        g = torch.Generator().manual_seed(0)
+        xs = torch.randn((n, *x.shape[1:]), generator=g)
+        with torch.no_grad():  # the model's own predictions stand in for labels
+            ys = torch.cat([model(xs[i:i + a.batch_size]).argmax(-1) for i in range(0, n, a.batch_size)])
+    elif a.data == "fashion-mnist":
+        xs, ys = load_fashion_mnist("train", limit=n)
+        xs = fit_input(xs, x.shape[1:])
+    else:
+        xs, ys = torch.load(a.data)
+        xs, ys = xs[:n], ys[:n]
+    return batches(xs, ys, a.batch_size)
+
+
+def cmd_score(a: argparse.Namespace) -> int:
+    from . import Plan, analyze, plan_to_target, score
+    from .distributed import init_from_env, rank
+
+    init_from_env()
+    model, x = load_model(a.model, a.input_size)
+    with step(f"analyzing {a.model}"):
+        an = analyze(model, x)
+    data = None if a.method == "magnitude" else _score_data(a, model, x)
+    opts = dict(kv.split("=", 1) for kv in a.option)
+    opts = {k: _literal(v) for k, v in opts.items()}
+    with step(f"scoring ({a.method})"):
+        s = score(model, an, a.method, data=data, **opts)
+    if rank() != 0:
+        return 0
+    torch.save({"method": a.method, "fingerprint": an.fingerprint, "scores": dict(s), "keep": s.keep}, a.out)
+    print(f"wrote scores of {len(s)} groups to {a.out}")
+    if a.plan:
+        if a.method == "threshold":
+            plan = Plan.from_scores(an, s, ratio=None)
+        else:
+            kind, _, frac = a.target.partition(":")
+            plan = plan_to_target(an, s, target=kind, fraction=float(frac), round_to=a.round_to,
+                                  normalize=a.method == "magnitude")
+        Path(a.plan).write_text(plan.to_json())
+        print(plan.summary(an))
+        print(f"wrote plan to {a.plan}")
+    return 0
+
+
+def _literal(v: str) -> object:
+    import ast
+
+    try:
+        return ast.literal_eval(v)
+    except (ValueError, SyntaxError):
+        return v
 
 
 def cmd_compress(a: argparse.Namespace) -> int:
@@ -109,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = model_cmd("explain", "why channels are coupled or frozen")
     s.add_argument("group", nargs="*", help="group ids or parameter names (default: every group and frozen set)")
     s.set_defaults(fn=cmd_explain)
+    s = model_cmd("score", "score every prunable unit (magnitude, hessian, kl, threshold); optionally plan")
+    s.add_argument("--method", choices=["magnitude", "hessian", "kl", "threshold"], default="hessian")
+    s.add_argument("--data", default="random", help="random | fashion-mnist | FILE.pt holding (inputs, targets)")
+    s.add_argument("--batches", type=int, default=8, help="number of batches")
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. mode=hvp")
+    s.add_argument("--out", default="scores.pt", help="where to save the scores (torch.save)")
+    s.add_argument("--plan", help="also write a plan (JSON) meeting --target")
+    s.add_argument("--target", default="flops:0.5", help="flops|params:FRACTION kept (default flops:0.5)")
+    s.add_argument("--round-to", type=int, default=8, help="round kept channel counts to this multiple")
+    s.set_defaults(fn=cmd_score)
     s = model_cmd("compress", "prune by magnitude, write plan, slim model and ONNX")
     s.add_argument("--ratio", type=float, default=0.5, help="fraction of each selected group removed")
     s.add_argument("--kinds", type=lambda v: v.split(","), default=["residual", "head", "qk", "v", "ffn"], help="comma-separated group kinds")
