@@ -16,7 +16,7 @@ from .score import Scores, score
 
 __all__ = [
     "Analysis", "ChannelGroup", "CostModel", "FrozenChannels", "LatencyTable", "Plan", "plan_to_target", "analyze", "compress", "mask",
-    "register_rule", "export_onnx", "score", "Scores", "sparsify_24", "TraceError", "PlanError", "AnalysisError", "ExportError", "VitgraphError",
+    "register_rule", "export_onnx", "score", "Scores", "sparsify_24", "merge_heads", "head_merge_plan", "TraceError", "PlanError", "AnalysisError", "ExportError", "VitgraphError",
 ]
 __version__ = "0.1.0"
 
@@ -26,3 +26,17 @@ def sparsify_24(module, method: str = "magnitude", **options):
     from vitgraph.passes.sparsity24 import sparsify_24 as _sparsify
 
     return _sparsify(module, method, **options)
+
+
+def merge_heads(analysis, heads):
+    """UP-ViT head merging: the analysed model with consecutive heads merged (see passes.merge_heads)."""
+    from vitgraph.passes.merge_heads import merge_heads as _merge
+
+    return _merge(analysis, heads)
+
+
+def head_merge_plan(merged_analysis, head_dim, scores=None, v_dim=None):
+    """A plan keeping the best ``head_dim`` dims of every merged head (see passes.merge_heads)."""
+    from vitgraph.passes.merge_heads import head_merge_plan as _plan
+
+    return _plan(merged_analysis, head_dim, scores, v_dim)
