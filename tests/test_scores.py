@@ -182,3 +182,15 @@ def test_score_command_writes_scores_and_a_plan(setup, tmp_path):
     x = torch.randn(1, 3, 32, 32)
     from vitgraph.measure import count_flops
     assert count_flops(slim, (x,)) <= 0.85 * count_flops(model, (x,))
+
+
+def test_threshold_scores_carry_learned_widths(setup):
+    model, an, data = setup
+    s = vitgraph.score(model, an, "threshold", data=data, target=0.6, steps=4, log_every=0)
+    assert s.method == "threshold" and s.keep and set(s.keep) <= set(s)
+    plan = vitgraph.Plan.from_scores(an, s, ratio=None)
+    for gid, k in s.keep.items():
+        kept = plan.kept.get(gid)
+        n = an.group(gid).size if kept is None else (len(kept[0]) if isinstance(kept[0], list) else len(kept))
+        assert n == min(k, an.group(gid).size)
+    assert vitgraph.compress(model, plan, an)(data[0][0]).shape == (8, 10)
