@@ -19,6 +19,7 @@ def load_model(spec: str, input_size: Optional[str] = None, batch: int = 1) -> t
     """
     path = Path(spec)
     default: tuple[int, ...] = (3, 224, 224)
+    torch.manual_seed(0)  # the same random weights in every process (torchrun ranks agree)
     if path.exists():
         model = torch.load(path, map_location="cpu", weights_only=False)
         if isinstance(model, dict):
