@@ -592,3 +592,40 @@ def test_forward_defaults_are_traced_as_constants():
     an = vitgraph.analyze(m, inputs(1))
     assert kinds_and_sizes(an) == [("ffn", 24), ("residual", C)], str(an)
     assert_exact(m, an)
+
+
+def to_grid_and_back(t: torch.Tensor, block: int) -> torch.Tensor:
+    """Opaque (``torch.fx.wrap``): Python arithmetic on the token count, as in NesT's
+    ``deblockify``; ``block`` is a fixed non-tensor argument."""
+    b, n, c = t.shape
+    side = int(math.sqrt(n))
+    g = t.reshape(b, side // block, block, side // block, block, c).transpose(2, 3)
+    return g.reshape(b, n, c)
+
+
+torch.fx.wrap("to_grid_and_back")
+
+
+class ShapeArithmeticMLP(nn.Module):
+    """The residual and the hidden units go through an opaque call that computes with shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(C, 24), nn.Linear(24, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = to_grid_and_back(F.gelu(self.fc1(x)), 1)
+        return to_grid_and_back(x, 1) + self.fc2(h)
+
+
+def test_opaque_call_with_shape_arithmetic_is_inlined():
+    """Inlining hands the callee the shapes that do not change with the batch as ints, so
+    ``int(math.sqrt(n))`` traces; the batch stays dynamic (batch 2 and 3 run after compress)."""
+    m = build(ShapeArithmeticMLP)
+    an = vitgraph.analyze(m, inputs(1))
+    assert to_grid_and_back not in [n.target for n in an.graph_module.graph.nodes]
+    assert not an.unruled, an.unruled
+    assert kinds_and_sizes(an) == [("ffn", 24), ("residual", C)], str(an)
+    assert_exact(m, an)
+    slim = vitgraph.compress(m, vitgraph.Plan.random(an, 0.5, seed=0), an)
+    assert slim(inputs(3)).shape == (3, NCLS)
