@@ -110,109 +110,6 @@ def lower_mha(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention) -> bo
 # opaque calls traced with their non-tensor arguments fixed
 
 VALUE_KEY = "vitgraph.value"  # node.meta entry: the concrete non-tensor value seen at shape propagation
-GROWN_KEY = "vitgraph.grown_shape"  # node.meta entry: the tensor's shape at the example batch + 1
-
-
-class _TwoBatchProxy(fx.Proxy):
-    """A proxy that knows its value (meta tensor or number) at the example batch and one more.
-
-    Shape entries equal at both batch sizes (channels, spatial sizes) are handed to the traced
-    code as ints, so Python arithmetic and branches on them (``int(math.sqrt(T))``, padding to a
-    window multiple) trace; entries that change with the batch stay graph values.
-    """
-
-    _vals: "tuple | None" = None
-
-    @property
-    def shape(self) -> object:
-        return self.size()
-
-    @property
-    def ndim(self) -> object:
-        return self.dim()
-
-    def dim(self) -> object:
-        if self._vals is None:
-            return self.tracer.create_proxy("call_method", "dim", (self,), {})
-        return self._vals[0].dim()
-
-    def size(self, dim: "int | None" = None) -> object:
-        if self._vals is None or not all(hasattr(v, "shape") for v in self._vals):
-            args = (self,) if dim is None else (self, dim)
-            return self.tracer.create_proxy("call_method", "size", args, {})
-        a, b = self._vals
-
-        def one(i: int) -> object:
-            if a.shape[i] == b.shape[i]:
-                return int(a.shape[i])
-            return self.tracer.create_proxy("call_method", "size", (self, i), {})
-
-        if dim is not None:
-            return one(dim)
-        return tuple(one(i) for i in range(a.dim()))
-
-
-def _two_batch_tracer(base: type) -> type:
-    """A subclass of tracer ``base`` whose proxies are :class:`_TwoBatchProxy`."""
-    import torch
-
-    class TwoBatchTracer(base):  # type: ignore[misc, valid-type]
-        def __init__(self, inputs: dict, **kw: object) -> None:
-            super().__init__(**kw)
-            self.two_batch_inputs = inputs  # placeholder name -> (meta at batch n, at n + 1)
-
-        def proxy(self, node: fx.Node) -> fx.Proxy:
-            return _TwoBatchProxy(node, self)
-
-        def create_proxy(self, kind, target, args, kwargs, *rest, **kw):  # noqa: ANN001, ANN201
-            rv = super().create_proxy(kind, target, args, kwargs, *rest, **kw)
-            if isinstance(rv, _TwoBatchProxy):
-                rv._vals = self._values(kind, target, args, kwargs)
-            return rv
-
-        def to_bool(self, obj: fx.Proxy) -> bool:
-            vals = getattr(obj, "_vals", None)
-            if vals is not None and all(isinstance(v, bool) for v in vals) and vals[0] == vals[1]:
-                return vals[0]
-            return super().to_bool(obj)
-
-        def _values(self, kind: str, target: object, args: tuple, kwargs: dict) -> "tuple | None":
-            if kind == "placeholder":
-                return self.two_batch_inputs.get(target)
-            out = []
-            for i in (0, 1):
-                def val(a: object) -> object:
-                    if isinstance(a, fx.Proxy):
-                        v = getattr(a, "_vals", None)
-                        if v is None:
-                            raise LookupError
-                        return v[i]
-                    return a
-
-                try:
-                    a = fx.node.map_aggregate(args, lambda x: val(x) if isinstance(x, fx.Proxy) else x)
-                    k = fx.node.map_aggregate(kwargs, lambda x: val(x) if isinstance(x, fx.Proxy) else x)
-                    with torch.no_grad():
-                        if kind == "call_function":
-                            out.append(target(*a, **k))
-                        elif kind == "call_method":
-                            out.append(getattr(a[0], target)(*a[1:], **k))
-                        elif kind == "call_module":
-                            mod = self.root.get_submodule(target)
-                            state = {n: t.to("meta") for n, t in list(mod.named_parameters()) + list(mod.named_buffers())}
-                            out.append(torch.func.functional_call(mod, state, a, k))
-                        elif kind == "get_attr":
-                            t = self.root
-                            for atom in str(target).split("."):
-                                t = getattr(t, atom)
-                            out.append(t.to("meta") if isinstance(t, torch.Tensor) else t)
-                        else:
-                            return None
-                except Exception:  # noqa: BLE001 - no value: shapes stay graph values
-                    return None
-            return tuple(out)
-
-    return TwoBatchTracer
 
 
 def inline_opaque(gm: fx.GraphModule, is_opaque: Callable[[fx.Node], bool]) -> list[str]:
@@ -273,14 +170,7 @@ def _subtrace(gm: fx.GraphModule, node: fx.Node, tracer_cls: type) -> tuple:
             tensors[name] = val
         else:
             consts[name] = _concrete(val)
-    import torch
-
-    two = {}
-    for name, val in tensors.items():
-        tm, grown = val.meta["tensor_meta"], val.meta.get(GROWN_KEY)
-        if hasattr(tm, "shape") and grown is not None:
-            two[name] = tuple(torch.empty(s, dtype=tm.dtype, device="meta") for s in (tm.shape, grown))
-    tracer = _two_batch_tracer(tracer_cls)(two, honour_timm=False) if two else tracer_cls(honour_timm=False)
+    tracer = tracer_cls(honour_timm=False)
     graph = tracer.trace(root, concrete_args=consts)
     # placeholders come in signature order, a fixed argument flattened into its leaves
     from torch.utils._pytree import tree_leaves

@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from .lowering import GROWN_KEY, VALUE_KEY, inline_opaque, lower
+from .lowering import VALUE_KEY, inline_opaque, lower
 from .errors import TraceError
 
 
@@ -168,11 +168,7 @@ def _probe_batch_values(gm: fx.GraphModule, example_inputs: Sequence[torch.Tenso
             n.meta.pop(VALUE_KEY, None)
         return False
     stable = {n for n, v in first.items() if n.meta.get(VALUE_KEY) == v}
-    grown_shapes = {n: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
-                    if hasattr(n.meta.get("tensor_meta"), "shape")}
     _propagate_shapes(gm, example_inputs)  # tensor metadata back at the example batch
-    for n, shp in grown_shapes.items():
-        n.meta[GROWN_KEY] = shp
     for n in gm.graph.nodes:
         if n not in stable:
             n.meta.pop(VALUE_KEY, None)
