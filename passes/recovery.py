@@ -139,7 +139,7 @@ def finetune(
             torch.distributed.broadcast(p.data, 0)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    total = max_steps or epochs * -(-_len_or(data, 0) // world_size())
+    total = max_steps or epochs * (_len_or(data, 0) // world_size())
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(total, 1)) if total else None
     for t in (teacher, cnn_teacher):
         if t is not None:
@@ -148,7 +148,7 @@ def finetune(
     out = FinetuneLog()
     t0 = time.perf_counter()
     for _ in range(epochs):
-        for batch in shard(data):
+        for batch in shard(data, even=True):
             inputs, targets = split_batch(to_device(batch, device))
             with torch.no_grad():
                 tl = logits_of(teacher(*inputs)) if teacher is not None else None

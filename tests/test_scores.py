@@ -150,7 +150,7 @@ def test_distill_losses():
         distill_loss(s, y, t, "mse")
 
 
-def test_two_processes_score_like_one(setup, tmp_path):
+def test_two_processes_score_and_finetune_like_one(setup, tmp_path):
     model, an, data = setup
     one = {m: dict(vitgraph.score(model, an, m, data=data, **kw)) for m, kw in (("hessian", {}), ("kl", {"mode": "approx"}))}
     out = tmp_path / "scores.pt"
@@ -160,6 +160,8 @@ def test_two_processes_score_like_one(setup, tmp_path):
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = torch.load(out)
+    assert two.pop("finetune_spread") == 0.0  # data-parallel fine-tuning keeps the ranks' weights equal
+    assert two.pop("finetune_changed") > 0.0
     for m in one:
         for gid in one[m]:
             torch.testing.assert_close(two[m][gid], one[m][gid], rtol=1e-5, atol=1e-12)

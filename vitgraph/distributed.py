@@ -43,10 +43,22 @@ def init_from_env(backend: str | None = None) -> bool:
     return True
 
 
-def shard(data: Iterable[Any]) -> Iterator[Any]:
-    """The batches of ``data`` this rank handles: every ``world``-th, starting at ``rank``."""
+def shard(data: Iterable[Any], even: bool = False) -> Iterator[Any]:
+    """The batches of ``data`` this rank handles: every ``world``-th, starting at ``rank``.
+
+    ``even`` drops the last ``len(data) % world`` batches so every rank takes the same number of
+    steps (needed when ranks synchronise every step, as in data-parallel training).
+    """
     r, w = rank(), world_size()
+    limit = None
+    if even and w > 1:
+        try:
+            limit = len(data) - len(data) % w  # type: ignore[arg-type]
+        except TypeError:
+            raise ValueError("data-parallel training under torchrun needs data with a len()") from None
     for i, batch in enumerate(data):
+        if limit is not None and i >= limit:
+            break
         if i % w == r:
             yield batch
 
