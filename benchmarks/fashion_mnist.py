@@ -242,7 +242,10 @@ def main(argv: list[str] | None = None) -> int:
         "flips and shifts, label smoothing 0.1). Test accuracy on the 10,000 test images. Scores on "
         f"{a.proxy} training images (kl: the first {a.kl_proxy}, {a.kl_samples} label draws each); every criterion planned to {a.flops} of the dense FLOPs over residual, head, qk, v "
         f"and ffn groups (units {UNIT}). Fine-tune: {ft_steps} steps of batch 128 (AdamW lr {a.ft_lr}, cosine), "
-        "CE + 0.2 KL from the dense model. Latency: onnxruntime CPU, batch 8, median of interleaved runs.\n"
+        "CE + 0.2 KL from the dense model. Latency: onnxruntime CPU, batch 8, median of interleaved runs.\n\n"
+        "Caveats: the residual width (64) is at the planner's default minimum, so no criterion prunes it here. "
+        f"threshold trains its masks (not the weights) for {a.threshold_steps} steps on the proxy set, so its "
+        "'before FT' accuracy already includes that training; the other criteria only score.\n"
         + (f"\nKept widths per block: `{png.name}`.\n" if plotted else "")
         + "\nPer-block kept widths (heads x dims for qk and v):\n\n```\n"
         + "\n".join(f"{m:<10} {json.dumps(w)}" for m, w in widths.items()) + "\n```\n"
