@@ -78,6 +78,10 @@ def cmd_score(a: argparse.Namespace) -> int:
     data = None if a.method == "magnitude" else _score_data(a, model, x)
     opts = dict(kv.split("=", 1) for kv in a.option)
     opts = {k: _literal(v) for k, v in opts.items()}
+    if a.method == "threshold":  # thresholds learn widths toward --target themselves
+        kind, _, frac = a.target.partition(":")
+        opts.setdefault("budget", kind)
+        opts.setdefault("target", float(frac))
     with step(f"scoring ({a.method})"):
         s = score(model, an, a.method, data=data, **opts)
     if rank() != 0:
@@ -175,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. mode=hvp")
     s.add_argument("--out", default="scores.pt", help="where to save the scores (torch.save)")
     s.add_argument("--plan", help="also write a plan (JSON) meeting --target")
-    s.add_argument("--target", default="flops:0.5", help="flops|params:FRACTION kept (default flops:0.5)")
+    s.add_argument("--target", default="flops:0.5",
+                   help="flops|params:FRACTION kept (default flops:0.5); threshold learns toward it")
     s.add_argument("--round-to", type=int, default=8, help="round kept channel counts to this multiple")
     s.set_defaults(fn=cmd_score)
     s = model_cmd("compress", "prune by magnitude, write plan, slim model and ONNX")
