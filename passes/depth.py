@@ -28,6 +28,7 @@ from torch import nn
 
 from vitgraph.context import META_KEY, TensorDims, node_shapes
 from vitgraph.errors import PlanError
+from vitgraph.passes.scoring_common import cycle, split_batch
 
 if TYPE_CHECKING:
     from vitgraph.analysis import Analysis
@@ -331,11 +332,6 @@ def truncate(exit_model: ExitModel, exit_block: BlockRef) -> fx.GraphModule:
     return _finish(gm)
 
 
-def _split(batch: Any) -> tuple[tuple, Any]:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise ValueError("data must yield (inputs, targets) pairs")
-    x, y = batch
-    return (tuple(x) if isinstance(x, (tuple, list)) else (x,)), y
 
 
 def train_exits(
@@ -369,13 +365,13 @@ def train_exits(
     exit_model.train()
     losses: list[float] = []
     it = itertools.count() if steps is None else range(steps)
-    batches = _cycle(data, once=steps is None)
+    batches = cycle(data, once=steps is None)
     try:
         for step in it:
             batch = next(batches, None)
             if batch is None:
                 break
-            x, y = _split(batch)
+            x, y = split_batch(batch)
             x = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in x)
             y = y.to(dev) if isinstance(y, torch.Tensor) else y
             *exits, final = exit_model(*x)
@@ -396,13 +392,3 @@ def train_exits(
         for p in exit_model.backbone_parameters():
             p.requires_grad_(True)
     return losses
-
-
-def _cycle(data: Iterable, once: bool) -> Iterable:
-    while True:
-        empty = True
-        for batch in data:
-            empty = False
-            yield batch
-        if once or empty or iter(data) is data:
-            return

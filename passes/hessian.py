@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
 import torch
 from torch.func import functional_call
 
-from vitgraph.distributed import all_reduce_sum, shard
+from vitgraph.distributed import all_reduce_sum
 from vitgraph.passes.gates import PRUNABLE, GateSet, model_tensors
-from vitgraph.passes.scoring_common import LossFn, default_loss, log, split_batch, to_device
+from vitgraph.passes.scoring_common import LossFn, default_loss, log, scoring_batches
 
 if TYPE_CHECKING:
     from vitgraph.analysis import Analysis
@@ -79,10 +79,7 @@ def hessian_scores(
     n = 0
     t0 = time.perf_counter()
     try:
-        for i, batch in enumerate(shard(data)):
-            if max_batches is not None and i >= max_batches:
-                break
-            inputs, targets = split_batch(to_device(batch, device))
+        for inputs, targets in scoring_batches(data, max_batches, device):
 
             def gate_grads(g: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 g = {k: v.detach().requires_grad_(True) for k, v in g.items()}

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from vitgraph.distributed import all_reduce_sum, shard
+from vitgraph.distributed import all_reduce_sum
 from vitgraph.passes.gates import PRUNABLE, GateSet, model_tensors
-from vitgraph.passes.scoring_common import log, logits_of, scoring_graph, split_batch, to_device
+from vitgraph.passes.scoring_common import log, logits_of, scoring_batches, scoring_graph
 
 if TYPE_CHECKING:
     from vitgraph.analysis import Analysis
@@ -72,10 +72,7 @@ def kl_scores(
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n, t0 = 0, time.perf_counter()
     try:
-        for i, batch in enumerate(shard(data)):
-            if max_batches is not None and i >= max_batches:
-                break
-            inputs, _ = split_batch(to_device(batch, device))
+        for inputs, _ in scoring_batches(data, max_batches, device):
             with torch.no_grad():
                 logq = F.log_softmax(logits_of(gm(*inputs)).double() / temperature, -1)
             if mode == "exact":

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitgraph.distributed import average_gradients, is_distributed, shard, world_size
+from vitgraph.passes.mask import kept_elements
 from vitgraph.passes.scoring_common import logits_of, split_batch, to_device
 
 log = logging.getLogger("vitgraph.recovery")
@@ -48,32 +49,21 @@ class MaskKeeper:
         self._zero: list[tuple[torch.Tensor, torch.Tensor]] = []
         for name, td in analysis.params.items():
             t = tensors.get(name)
-            if t is None:
-                continue
-            keep = torch.ones(t.shape, dtype=torch.bool)
-            for d, lay in enumerate(td.dims):
-                kept = sel.kept(lay)
-                if kept is None or len(kept) == t.shape[d]:
-                    continue
-                drop = torch.ones(t.shape[d], dtype=torch.bool)
-                drop[torch.as_tensor(kept, dtype=torch.long)] = False
-                shape = [1] * t.dim()
-                shape[d] = -1
-                keep &= ~drop.reshape(shape)
-            if not keep.all():
+            keep = kept_elements(t.shape, td.dims, sel) if t is not None else None
+            if keep is not None:
                 self._zero.append((t, keep.to(t.device)))
 
     @torch.no_grad()
     def apply(self) -> None:
         """Zero the removed slices (call after every optimizer step)."""
         for t, keep in self._zero:
-            t.mul_(keep)
+            t.masked_fill_(~keep, 0)
 
     def zero_grads(self) -> None:
         """Zero the gradients of removed slices (so momentum never revives them)."""
         for t, keep in self._zero:
             if t.grad is not None:
-                t.grad.mul_(keep)
+                t.grad.masked_fill_(~keep, 0)
 
 
 def distill_loss(
@@ -87,7 +77,7 @@ def distill_loss(
     cls_logits = logits_of(outs[0])
     dist_logits = logits_of(outs[1]) if len(outs) > 1 else None
     mean_logits = cls_logits if dist_logits is None else (cls_logits + dist_logits) / 2
-    if loss == "ce" or teacher_logits is None and loss == "upvit":
+    if loss == "ce" or (loss == "upvit" and teacher_logits is None):
         return F.cross_entropy(mean_logits, targets)
     if loss == "upvit":
         kl = F.kl_div(F.log_softmax(mean_logits, -1), F.log_softmax(teacher_logits, -1), reduction="batchmean", log_target=True)

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+
+from vitgraph.distributed import shard
 
 log = logging.getLogger("vitgraph.score")
 
@@ -23,6 +25,25 @@ def split_batch(batch: Any) -> tuple[tuple[Any, ...], Any]:
                          f"got {type(batch).__name__}")
     inputs, targets = batch
     return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), targets
+
+
+def scoring_batches(data: Iterable[Any], max_batches: Optional[int], device: Optional[torch.device]) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """``(inputs, targets)`` of this rank's share of ``data`` (at most ``max_batches``), on ``device``."""
+    for i, batch in enumerate(shard(data)):
+        if max_batches is not None and i >= max_batches:
+            return
+        yield split_batch(to_device(batch, device))
+
+
+def cycle(data: Any, once: bool = False) -> Iterator[Any]:
+    """Batches of ``data`` again and again (``once``: a single pass); a one-shot iterator runs dry."""
+    while True:
+        empty = True
+        for batch in data:
+            empty = False
+            yield batch
+        if once or empty or iter(data) is data:
+            return
 
 
 def to_device(x: Any, device: Optional[torch.device]) -> Any:

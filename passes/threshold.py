@@ -35,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vitgraph.context import META_KEY, TensorDims
 from vitgraph.errors import PlanError
+from vitgraph.passes.scoring_common import cycle, default_loss, split_batch
 from vitgraph.plan import Plan
 from vitgraph.selection import layout_coords
 
@@ -307,28 +308,10 @@ def _mask(gate: _Gate, r: torch.Tensor) -> torch.Tensor:
     return hard + (s - s.detach()) + (r - r.detach())
 
 
-def _cycle(data: Iterable) -> Iterable:
-    """Batches of ``data`` forever (re-iterating it), or until a one-shot iterator runs dry."""
-    while True:
-        empty = True
-        for batch in data:
-            empty = False
-            yield batch
-        if empty or iter(data) is data:
-            return
 
 
-def _split(batch: Any) -> tuple[tuple, Any]:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise ValueError("data must yield (inputs, targets) pairs")
-    x, y = batch
-    return (tuple(x) if isinstance(x, (tuple, list)) else (x,)), y
 
 
-def _default_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    return F.cross_entropy(out, y)
 
 
 def _make_gates(analysis: "Analysis", kinds: Sequence[str], round_to: int, init: str) -> list[_Gate]:
@@ -409,7 +392,7 @@ def learn_thresholds(
         raise ValueError(f"penalty must be 'above' (only while over budget) or 'both', got {penalty!r}")
     if steps is not None and steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
-    loss_fn = loss_fn or _default_loss
+    loss_fn = loss_fn or default_loss
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     gm = copy.deepcopy(analysis.graph_module).to(dev)
     gates = _make_gates(analysis, kinds, round_to, init)
@@ -434,7 +417,7 @@ def learn_thresholds(
     lam1 = lam2 = 0.0
     history: list[dict[str, float]] = []
     gm.train()
-    batches = _cycle(data)
+    batches = cycle(data, once=steps is None)
     it = range(steps) if steps is not None else itertools.count()
     step = -1
     for step in it:
@@ -443,7 +426,7 @@ def learn_thresholds(
             if steps is not None:
                 log.warning("data ran out after %d of %d steps", step, steps)
             break
-        x, y = _split(batch)
+        x, y = split_batch(batch)
         x = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in x)
         y = y.to(dev) if isinstance(y, torch.Tensor) else y
         ratios = [torch.sigmoid(g.theta) for g in gates]
