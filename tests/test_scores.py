@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -155,9 +156,13 @@ def test_two_processes_score_and_finetune_like_one(setup, tmp_path):
     one = {m: dict(vitgraph.score(model, an, m, data=data, **kw)) for m, kw in (("hessian", {}), ("kl", {"mode": "approx"}))}
     out = tmp_path / "scores.pt"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(HERE / "dist_scores_worker.py"), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "SIGABRT" in proc.stderr and not re.search(r"exitcode\s*:\s*[1-9]", proc.stderr):
+        # a gloo thread aborting at process exit (seen once in CI, never reproduced) is not a
+        # scoring failure: run once more; a Python error in a worker is never retried
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = torch.load(out)
     assert two.pop("finetune_spread") == 0.0  # data-parallel fine-tuning keeps the ranks' weights equal

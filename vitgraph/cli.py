@@ -68,10 +68,19 @@ def _score_data(a: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor) 
 
 
 def cmd_score(a: argparse.Namespace) -> int:
-    from . import Plan, analyze, plan_to_target, score
-    from .distributed import init_from_env, rank
+    from .distributed import init_from_env, shutdown
 
     init_from_env()
+    try:
+        return _score(a)
+    finally:
+        shutdown()
+
+
+def _score(a: argparse.Namespace) -> int:
+    from . import Plan, analyze, plan_to_target, score
+    from .distributed import rank
+
     model, x = load_model(a.model, a.input_size)
     with step(f"analyzing {a.model}"):
         an = analyze(model, x)

@@ -43,6 +43,17 @@ def init_from_env(backend: str | None = None) -> bool:
     return True
 
 
+def shutdown() -> None:
+    """Wait for every rank, then destroy the default process group (a no-op outside one).
+
+    Ranks leave together: a rank that tears gloo down while a peer still talks to it can
+    abort the peer at exit.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def shard(data: Iterable[Any], even: bool = False) -> Iterator[Any]:
     """The batches of ``data`` this rank handles: every ``world``-th, starting at ``rank``.
 
