@@ -592,3 +592,46 @@ def test_forward_defaults_are_traced_as_constants():
     an = vitgraph.analyze(m, inputs(1))
     assert kinds_and_sizes(an) == [("ffn", 24), ("residual", C)], str(an)
     assert_exact(m, an)
+
+
+class TokenConvMLP(nn.Module):
+    """An MLP, then a Conv1d whose channels are the tokens: the residual channels are its length.
+
+    ``kernel=1`` maps every channel position on its own (CoaT's aggregation of stage tokens), so
+    the residual stays prunable; a wider kernel, or a pooling window, mixes neighbouring channels.
+    """
+
+    def __init__(self, kernel: int = 1, pool: bool = False) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(C, 24), nn.Linear(24, C)
+        self.mix = nn.Conv1d(N, N, kernel, padding=kernel // 2)
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        x = self.mix(x)
+        return F.avg_pool1d(x, 3, 1, 1) if self.pool else x
+
+
+def test_conv_across_tokens_keeps_residual_channels_on_its_length():
+    m = build(TokenConvMLP)
+    an = vitgraph.analyze(m, inputs(1))
+    # the conv's own output channels (the mixed tokens) are a group of kind "other"
+    assert kinds_and_sizes(an) == [("ffn", 24), ("other", N), ("residual", C)], str(an)
+    assert ("head.weight", 1) in only(an, "residual").params
+    plan = vitgraph.Plan.random(an, 0.5, seed=0)
+    slim = vitgraph.compress(m, plan, an)
+    with torch.no_grad():
+        assert slim(inputs()).shape == (B, NCLS)
+    assert slim.head.in_features == len(plan.kept[only(an, "residual").id])
+    assert_exact(m, an)
+
+
+@pytest.mark.parametrize("kernel,pool", [(3, False), (1, True)])
+def test_window_over_channels_freezes_them(kernel, pool):
+    m = build(TokenConvMLP, kernel, pool)
+    an = vitgraph.analyze(m, inputs(1))
+    assert kinds_and_sizes(an) == [("ffn", 24), ("other", N)], str(an)
+    why = an.explain("embed.weight")
+    assert "kernel window mixes the channels" in why, why
+    assert_exact(m, an)

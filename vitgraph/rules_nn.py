@@ -116,8 +116,38 @@ def group_norm_module(ctx: RuleContext, node: fx.Node) -> Any:
     return channel_norm(ctx, x, ps)
 
 
-def conv_dims(ctx: RuleContext, x: TensorDims, w: TensorDims, b: Optional[TensorDims], groups: int) -> TensorDims:
-    """Convolution: channels on dim 1; spatial output dims carry no channels."""
+def _per_dim(v: Any, n: int) -> tuple:
+    """A conv/pool size argument (int, tuple or padding string) as one value per window dim."""
+    if isinstance(v, (list, tuple)):
+        return tuple(v) if len(v) == n else tuple(v[:1]) * n
+    return (v,) * n
+
+
+def window_dims(ctx: RuleContext, x: TensorDims, kernel: Any, stride: Any, padding: Any, what: str) -> tuple:
+    """Layouts of the window (spatial) output dims of a conv or pool over ``x``'s trailing dims.
+
+    A window dim that carries channels (e.g. a conv applied across the stacked tokens of a
+    ``(B, n, C)`` tensor, so the residual channels are its length) passes them through only when
+    the window is the identity there: kernel 1, stride 1, no padding.  Otherwise neighbouring
+    channels are mixed and the channels are frozen.
+    """
+    n = len(ctx.out_shape()) - 2
+    ks, ss, ps = _per_dim(kernel, n), _per_dim(stride, n), _per_dim(padding, n)
+    out = []
+    for k in range(n):
+        lay = x.dims[2 + k] if 2 + k < len(x.dims) else None
+        if lay is not None:
+            identity = ks[k] == 1 and ss[k] in (1, None) and ps[k] in (0, "valid", "same")
+            if not identity:
+                ctx.freeze(lay, what, "a kernel window mixes the channels of a window dim")
+                lay = None
+        out.append(lay)
+    return tuple(out)
+
+
+def conv_dims(ctx: RuleContext, x: TensorDims, w: TensorDims, b: Optional[TensorDims], groups: int,
+              stride: Any = 1, padding: Any = 0) -> TensorDims:
+    """Convolution: channels on dim 1; window dims keep channels only through 1-wide windows."""
     shp = ctx.out_shape()
     cin = x.shape[1]
     if groups == 1:
@@ -143,7 +173,7 @@ def conv_dims(ctx: RuleContext, x: TensorDims, w: TensorDims, b: Optional[Tensor
         ctx.freeze(kd, "conv", "kernel window")
     if b is not None:
         ctx.tie(w.dims[0], b.dims[0], "conv bias")
-    dims = (x.dims[0], w.dims[0]) + (None,) * (len(shp) - 2)
+    dims = (x.dims[0], w.dims[0]) + window_dims(ctx, x, tuple(w.shape[2:]), stride, padding, "conv")
     return TensorDims(shp, dims, x.live)
 
 
@@ -152,7 +182,8 @@ def conv_module(ctx: RuleContext, node: fx.Node) -> Any:
     """nn.Conv*d."""
     mod = ctx.gm.get_submodule(node.target)
     b = ctx.param(f"{node.target}.bias") if mod.bias is not None else None
-    return conv_dims(ctx, ctx.dims(node.args[0]), ctx.param(f"{node.target}.weight"), b, mod.groups)
+    return conv_dims(ctx, ctx.dims(node.args[0]), ctx.param(f"{node.target}.weight"), b, mod.groups,
+                     mod.stride, mod.padding)
 
 
 @register_rule(F.conv1d, F.conv2d, F.conv3d)
@@ -160,7 +191,8 @@ def conv_function(ctx: RuleContext, node: fx.Node) -> Any:
     """F.conv*d(x, weight, bias, stride, padding, dilation, groups)."""
     b = arg(node, 2, "bias")
     groups = arg(node, 6, "groups", 1)
-    return conv_dims(ctx, ctx.dims(node.args[0]), ctx.dims(arg(node, 1, "weight")), ctx.dims(b) if b is not None else None, groups)
+    return conv_dims(ctx, ctx.dims(node.args[0]), ctx.dims(arg(node, 1, "weight")), ctx.dims(b) if b is not None else None,
+                     groups, arg(node, 3, "stride", 1), arg(node, 4, "padding", 0))
 
 
 @register_rule(nn.AvgPool1d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -177,6 +209,10 @@ def spatial_rule(ctx: RuleContext, node: fx.Node) -> Any:
             ctx.freeze(lay, "spatial op", "the op changes the size of a channel dim")
             lay = None
         dims.append(lay)
+    window = _pool_window(ctx, node)
+    if window is not None:  # a sliding window keeps channels only where it is 1 wide
+        n = len(shp) - 2
+        dims[2:] = window_dims(ctx, TensorDims(x.shape, tuple(dims), x.live), *window, "pooling")[:n]
     if node.target in (torch.roll, "roll"):
         shifts_dims = arg(node, 2, "dims")
         rolled = shifts_dims if isinstance(shifts_dims, (list, tuple)) else [shifts_dims]
@@ -184,6 +220,19 @@ def spatial_rule(ctx: RuleContext, node: fx.Node) -> Any:
             if d is not None:
                 ctx.freeze(x.dims[norm_dim(int(d), len(x.shape))], "roll", "channels rolled")
     return TensorDims(shp, tuple(dims), x.live)
+
+
+def _pool_window(ctx: RuleContext, node: fx.Node) -> Optional[tuple]:
+    """(kernel, stride, padding) of a sliding-window pool, None for other spatial ops."""
+    if node.op == "call_module":
+        mod = ctx.gm.get_submodule(node.target)
+        if isinstance(mod, (nn.AvgPool1d, nn.AvgPool2d, nn.MaxPool2d)):
+            return mod.kernel_size, mod.stride or mod.kernel_size, mod.padding
+        return None
+    if node.target in (F.avg_pool1d, F.avg_pool2d, F.max_pool2d):
+        kernel = arg(node, 1, "kernel_size")
+        return kernel, arg(node, 2, "stride", None) or kernel, arg(node, 3, "padding", 0)
+    return None
 
 
 @register_rule(nn.Unfold, F.unfold)
