@@ -136,11 +136,96 @@ def _replace_sizes(args: list, old: tuple, new: tuple, dims: Optional[tuple] = N
     return out
 
 
+STAND_IN = "dimension without channels merged into channels"  # origin of such axes (rules.reshape)
+
+
+def _stand_in_extent(store: Any, lay: Any) -> Optional[int]:
+    """Product of the sizes of the non-channel dims (batch, tokens) merged into a channel dim,
+    e.g. the ``B`` of a ``B * heads`` dim; None when there are none."""
+    if lay is None:
+        return None
+    ext = None
+    for blk in store.expand(lay):
+        for f in blk:
+            if store.origin[f] == STAND_IN or store.origin[store.find(f)] == STAND_IN:
+                ext = (ext or 1) * store.size[f]
+    return ext
+
+
+def _scaled_sizes(rc: "RewriteContext", graph: fx.Graph, node: Optional[fx.Node], args: list, old: tuple,
+                  new: tuple, dims: tuple) -> list:
+    """``_replace_sizes``, keeping sizes computed at run time where that stays right.
+
+    * a size read from a dim with the very same channels is already the new size at run time;
+    * a size computed only from non-channel sizes and constants (``B * num_heads``, where the
+      batch is merged with the heads) is rescaled at run time, ``a // c_old * c_new``, so the
+      batch stays dynamic (a constant would fix it to the example's batch).
+    New nodes go before ``node``.
+    """
+    out = _replace_sizes(args, old, new, dims)
+    store = rc.sel.store
+    for k, (a, o, n, lay) in enumerate(zip(args, old, new, dims)):
+        if not isinstance(a, fx.Node) or lay is None:
+            continue
+        src = _source_layout(a)
+        if src is not None and _same_layout(store, src, lay):
+            out[k] = a
+            continue
+        if not _structural(a):
+            continue
+        ext = _stand_in_extent(store, lay) or 1
+        c_old, c_new = o // ext, n // ext
+        if c_old == c_new:
+            out[k] = a
+            continue
+        with graph.inserting_before(node):
+            q = graph.call_function(operator.floordiv, (a, c_old)) if c_old != 1 else a
+            out[k] = graph.call_function(operator.mul, (q, c_new)) if c_new != 1 else q
+    return out
+
+
+_SIZE_ARITH = (operator.mul, operator.floordiv, operator.add, operator.sub)
+
+
+def _structural(a: Any) -> bool:
+    """``a`` is computed only from constants and sizes of dims without channels."""
+    if isinstance(a, int):
+        return True
+    if not isinstance(a, fx.Node):
+        return False
+    if _is_shape_read(a):
+        return _source_layout(a) is None
+    if a.op == "call_function" and a.target in _SIZE_ARITH:
+        return all(_structural(x) for x in a.args) and not a.kwargs
+    return False
+
+
+def _is_shape_read(a: fx.Node) -> bool:
+    if a.op == "call_method" and a.target == "size" and len(a.args) == 2:
+        return True
+    if a.op == "call_function" and a.target is operator.getitem and isinstance(a.args[0], fx.Node):
+        s = a.args[0]
+        return (s.op == "call_function" and s.target is getattr and s.args[1] == "shape") or (
+            s.op == "call_method" and s.target == "size" and len(s.args) == 1)
+    return False
+
+
+def _same_layout(store: Any, a: Any, b: Any) -> bool:
+    f = store.find
+    return store.expand(a) == store.expand(b) or \
+        tuple(tuple(f(x) for x in blk) for blk in store.expand(a)) == tuple(tuple(f(x) for x in blk) for blk in store.expand(b))
+
+
 def _read_from_channels(a: Any) -> bool:
     """``a`` is ``x.shape[i]`` / ``x.size(i)`` where dim ``i`` of ``x`` carries channels (which a
     plan may shrink even though the dim ``a`` sizes here keeps all of its channels)."""
+    return _source_layout(a) is not None
+
+
+def _source_layout(a: Any) -> Any:
+    """The channel layout of the dim ``a`` reads when it is ``x.shape[i]`` / ``x.size(i)``."""
     if not isinstance(a, fx.Node):
-        return False
+        return None
     src, dim = None, None
     if a.op == "call_method" and a.target == "size" and len(a.args) == 2:
         src, dim = a.args[0], a.args[1]
@@ -150,9 +235,11 @@ def _read_from_channels(a: Any) -> bool:
                 s.op == "call_method" and s.target == "size" and len(s.args) == 1):
             src, dim = s.args[0], a.args[1]
     if not isinstance(src, fx.Node) or not isinstance(dim, int):
-        return False
+        return None
     td = src.meta.get(META_KEY)
-    return isinstance(td, TensorDims) and -len(td.dims) <= dim < len(td.dims) and td.dims[dim] is not None
+    if isinstance(td, TensorDims) and -len(td.dims) <= dim < len(td.dims):
+        return td.dims[dim]
+    return None
 
 
 @register_rewrite("reshape", "view", torch.reshape, "expand")
@@ -166,14 +253,14 @@ def rewrite_reshape(rc: RewriteContext, node: fx.Node) -> None:
         shape = list(rest[0]) if packed else rest
         if len(shape) != len(new):
             return
-        shape = _replace_sizes(shape, td.shape, new, td.dims)
+        shape = _scaled_sizes(rc, node.graph, node, shape, td.shape, new, td.dims)
         node.args = (node.args[0], tuple(shape)) if packed else (node.args[0], *shape)
     else:
         key = 1 if len(node.args) > 1 else None
         shape = list(node.args[1] if key else node.kwargs["shape"])
         if len(shape) != len(new):
             return
-        shape = _replace_sizes(shape, td.shape, new, td.dims)
+        shape = _scaled_sizes(rc, node.graph, node, shape, td.shape, new, td.dims)
         if key:
             node.args = (node.args[0], tuple(shape))
         else:
@@ -252,8 +339,9 @@ def rewrite_getitem(rc: RewriteContext, node: fx.Node) -> None:
             kept = rc.sel.kept(lay)
             if len(kept) != x.shape[dim]:
                 start, stop, step = it.indices(x.shape[dim])
-                if step == 1:
-                    it = slice(int(np.searchsorted(kept, start)), int(np.searchsorted(kept, stop)), it.step)
+                if step == 1:  # an open end stays open: the dim may also hold the (dynamic) batch
+                    it = slice(int(np.searchsorted(kept, start)) if start > 0 else it.start,
+                               int(np.searchsorted(kept, stop)) if stop < x.shape[dim] else None, it.step)
                 else:  # one member of every group of ``step`` channels; groups are kept whole
                     it = slice(start, None, step)
                 changed = True
@@ -337,8 +425,7 @@ def split_ragged_sections(rc: RewriteContext, graph: fx.Graph, store: Any) -> No
 
 def _split_one(rc: RewriteContext, graph: fx.Graph, store: Any, node: fx.Node, td: TensorDims) -> None:
     f = store.find
-    spos = [k for k, lay in enumerate(td.dims) if lay is not None and len(lay) == 1 and len(lay[0]) == 1
-            and f(lay[0][0]) in store.stale and not store.stale[f(lay[0][0])]]
+    spos = [k for k, lay in enumerate(td.dims) if _is_section_dim(store, lay)]
     src = node.args[0]
     x = rc.dims(src)
     cdim = [k for k, lay in enumerate(x.dims) if lay is not None]
@@ -349,28 +436,27 @@ def _split_one(rc: RewriteContext, graph: fx.Graph, store: Any, node: fx.Node, t
     blocks = store.expand(parent)
     chain = []
     cur = node
-    while len(cur.users) == 1 and next(iter(cur.users)).target in _VIEW_CHAIN:
+    while len(cur.users) == 1 and next(iter(cur.users)).target in _VIEW_CHAIN + _RESHAPES:
         cur = next(iter(cur.users))
         chain.append(cur)
     terminal_users = list(cur.users)
     outs: list[fx.Node] = []
     offset = 0
-    shape_args = list(node.args[1:]) if node.op == "call_method" else list(node.args[1])
-    if len(shape_args) == 1 and isinstance(shape_args[0], (list, tuple)):
-        shape_args = list(shape_args[0])
+    shape_args = _shape_args(node)
     for i, blk in enumerate(blocks):
         n_i = rc.sel.size(((blk),), 0)
         sub = {a: store.stale[a][i] for a in store.stale if store.stale[a]}
         with graph.inserting_before(terminal_users[0] if terminal_users else None):
             part = graph.call_function(torch.narrow, (src, c, offset, n_i))
-            dims = [tuple(tuple(sub.get(f(a), a) for a in b) for b in lay) if lay is not None else None for lay in td.dims]
-            new = [rc.sel.size(lay, old) for lay, old in zip(dims, td.shape)]
-            args = [a if n == o else n for a, o, n in zip(shape_args, td.shape, new)]
-            del args[s]
-            cur_i = graph.call_method("reshape", (part, *args))
+            cur_i = _section_reshape(rc, graph, part, shape_args, td, s, sub, terminal_users[0] if terminal_users else None)
             p = s
             for op in chain:
-                cur_i, p = _replay(graph, op, cur_i, p)
+                if op.target in _RESHAPES:
+                    p = _section_pos(store, rc.dims(op))
+                    cur_i = _section_reshape(rc, graph, cur_i, _shape_args(op), rc.dims(op), p, sub,
+                                             terminal_users[0] if terminal_users else None)
+                else:
+                    cur_i, p = _replay(graph, op, cur_i, p)
             outs.append((cur_i, p))
         offset += n_i
     positions = {p for _, p in outs}
@@ -393,6 +479,43 @@ def _split_one(rc: RewriteContext, graph: fx.Graph, store: Any, node: fx.Node, t
     for op in reversed(chain):
         graph.erase_node(op)
     graph.erase_node(node)
+
+
+_RESHAPES = ("reshape", "view", torch.reshape)
+
+
+def _is_section_dim(store: Any, lay: Any) -> bool:
+    """``lay`` is the section index of a fused projection (q/k/v), one axis whose sections differ."""
+    if lay is None or len(lay) != 1 or len(lay[0]) != 1:
+        return False
+    r = store.find(lay[0][0])
+    return r in store.stale and not store.stale[r]
+
+
+def _section_pos(store: Any, td: TensorDims) -> int:
+    pos = [k for k, lay in enumerate(td.dims) if _is_section_dim(store, lay)]
+    if len(pos) != 1:
+        raise PlanError("cannot split sections through a reshape that merges the section dim")
+    return pos[0]
+
+
+def _shape_args(node: fx.Node) -> list:
+    """The target shape of a reshape/view node, as a list."""
+    args = list(node.args[1:]) if node.op == "call_method" else list(node.args[1])
+    if len(args) == 1 and isinstance(args[0], (list, tuple)):
+        args = list(args[0])
+    return args
+
+
+def _section_reshape(rc: "RewriteContext", graph: fx.Graph, x: fx.Node, shape_args: list, td: TensorDims,
+                     s: int, sub: dict, where: Optional[fx.Node]) -> fx.Node:
+    """Reshape one section ``x`` like the fused reshape with dims ``td``, section dim ``s`` dropped."""
+    f = rc.sel.store.find
+    dims = tuple(tuple(tuple(sub.get(f(a), a) for a in b) for b in lay) if lay is not None else None for lay in td.dims)
+    new = tuple(rc.sel.size(lay, old) for lay, old in zip(dims, td.shape))
+    args = _scaled_sizes(rc, graph, where, shape_args, td.shape, new, dims)
+    del args[s]
+    return graph.call_method("reshape", (x, *args))
 
 
 def _take_meta(new: fx.Node, old: fx.Node) -> None:

@@ -171,6 +171,8 @@ def _subtrace(gm: fx.GraphModule, node: fx.Node, tracer_cls: type) -> tuple:
         else:
             consts[name] = _concrete(val)
     tracer = tracer_cls(honour_timm=False)
+    # parameters and buffers have static shapes: the callee may branch on them
+    tracer.static_shapes = {name: tuple(v.meta["tensor_meta"].shape) for name, v in tensors.items() if v.op == "get_attr"}
     graph = tracer.trace(root, concrete_args=consts)
     # placeholders come in signature order, a fixed argument flattened into its leaves
     from torch.utils._pytree import tree_leaves

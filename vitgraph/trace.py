@@ -23,6 +23,29 @@ def _timm_registries() -> tuple[set[type], set[Callable]]:
     return set(getattr(_fx, "_leaf_modules", ())), set(getattr(_fx, "_autowrap_functions", ()))
 
 
+class StaticShapeProxy(fx.Proxy):
+    """A proxy for a parameter or buffer argument: its shape is a known constant, so the
+    traced code may branch on it (``if rel_pos.shape[0] != n``)."""
+
+    def __init__(self, node: fx.Node, tracer: fx.Tracer, shape: tuple[int, ...]) -> None:
+        super().__init__(node, tracer)
+        self._static_shape = torch.Size(shape)
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._static_shape
+
+    @property
+    def ndim(self) -> int:
+        return len(self._static_shape)
+
+    def size(self, dim: Optional[int] = None) -> Any:
+        return self._static_shape if dim is None else self._static_shape[dim]
+
+    def dim(self) -> int:
+        return len(self._static_shape)
+
+
 class ViTTracer(fx.Tracer):
     """fx tracer that records which module is being traced, so errors can name it.
 
@@ -36,6 +59,12 @@ class ViTTracer(fx.Tracer):
         self._leaf_types = tuple(leaves)
         self.module_path: list[str] = []
         self.failed_in: Optional[str] = None
+        self.static_shapes: dict[str, tuple[int, ...]] = {}  # placeholder name -> fixed shape
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        if node.op == "placeholder" and node.target in self.static_shapes:
+            return StaticShapeProxy(node, self, self.static_shapes[node.target])
+        return super().proxy(node)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         """Parameters and buffers become get_attr nodes (found by identity in O(1), not by a scan)."""
