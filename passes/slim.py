@@ -71,7 +71,7 @@ def slim(analysis: Any, sel: Selection) -> fx.GraphModule:
     split_ragged_sections(rc, graph, analysis.store)
     for node in list(graph.nodes):
         fn = lookup(REWRITES, root, node)
-        if fn is None or META_KEY not in node.meta or not _inputs_analysed(node):
+        if fn is None or META_KEY not in node.meta or not _inputs_analysed(node) or node.meta.get(_SPLIT_DONE):
             continue
         try:
             fn(rc, node)
@@ -412,8 +412,8 @@ def split_ragged_sections(rc: RewriteContext, graph: fx.Graph, store: Any) -> No
     reshaped and permuted on its own, with the section dim removed.
     """
     for node in list(graph.nodes):
-        if node.target not in ("reshape", "view", torch.reshape) or META_KEY not in node.meta:
-            continue
+        if node.target not in _RESHAPES or META_KEY not in node.meta or getattr(node, "_erased", False):
+            continue  # (a reshape in the view chain of a split one is gone already)
         td = rc.dims(node)
         try:
             rc.new_shape(td)
@@ -482,6 +482,7 @@ def _split_one(rc: RewriteContext, graph: fx.Graph, store: Any, node: fx.Node, t
 
 
 _RESHAPES = ("reshape", "view", torch.reshape)
+_SPLIT_DONE = "vitgraph.split_section"
 
 
 def _is_section_dim(store: Any, lay: Any) -> bool:
@@ -519,10 +520,12 @@ def _section_reshape(rc: "RewriteContext", graph: fx.Graph, x: fx.Node, shape_ar
 
 
 def _take_meta(new: fx.Node, old: fx.Node) -> None:
-    """A section's new node stands for the old one: later rewrites read its original dims."""
+    """A section's new node stands for the old one: later rewrites read its original dims (the
+    node itself is already rewritten)."""
     for key in (META_KEY, "tensor_meta"):
         if key in old.meta:
             new.meta[key] = old.meta[key]
+    new.meta[_SPLIT_DONE] = True
 
 
 def _replay(graph: fx.Graph, op: fx.Node, x: fx.Node, s: int) -> tuple[fx.Node, int]:

@@ -635,3 +635,59 @@ def test_window_over_channels_freezes_them(kernel, pool):
     why = an.explain("embed.weight")
     assert "kernel window mixes the channels" in why, why
     assert_exact(m, an)
+
+
+# ---------------------------------------------------------------------------------------------
+# SAM-style attention: batch merged with heads, a decomposed position bias from a helper that
+# branches on a parameter's shape (registered as not traceable, like timm's get_rel_pos)
+
+
+from timm.layers import register_notrace_function  # noqa: E402
+
+
+@register_notrace_function
+def table_bias(q: torch.Tensor, table: torch.Tensor, n: int) -> torch.Tensor:
+    """``q [B*H, n, D]`` against a relative-position table ``[2n - 1, D]``: bias ``[B*H, n, n]``."""
+    if table.shape[0] != 2 * n - 1:  # control flow on a parameter's shape
+        table = F.interpolate(table.T[None], size=2 * n - 1, mode="linear")[0].T
+    idx = torch.arange(n)[:, None] - torch.arange(n)[None, :] + (n - 1)
+    rel = table[idx]  # [n, n, D]
+    return torch.einsum("bnd,nmd->bnm", q, rel)[:, :]
+
+
+class BatchHeadsAttention(nn.Module):
+    """``qkv.view(B, N, 3, H, -1).permute(2, 0, 3, 1, 4).reshape(3, B * H, N, -1)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+        self.table = nn.Parameter(torch.randn(2 * N - 1, D))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, n, _ = x.shape
+        qkv = self.qkv(x).view(B, n, 3, H, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, B * H, n, -1).unbind(0)
+        attn = (q @ k.transpose(-2, -1) * D ** -0.5 + table_bias(q, self.table, n)).softmax(-1)
+        y = (attn @ v).view(B, H, n, -1).transpose(1, 2).reshape(B, n, -1)
+        return x + self.proj(y)
+
+
+def test_batch_merged_with_heads_stays_dynamic():
+    """Analysed at batch 1, compressed models run at batch 2 and 5 (no batch baked into shapes),
+    the wrapped helper is traced into (qk keeps its groups), and ragged q/k vs v widths split."""
+    m = build(BatchHeadsAttention)
+    an = vitgraph.analyze(m, inputs(1))
+    assert not an.unruled, an.unruled
+    assert kinds_and_sizes(an) == sorted([("head", H), ("qk", D), ("residual", C), ("v", D)]), str(an)
+    assert ("block.table", 1) in only(an, "qk").params
+    assert_exact(m, an)
+    qk, v, head = only(an, "qk"), only(an, "v"), only(an, "head")
+    plan = vitgraph.Plan.keep_all(an).keep(head.id, [0, 2, 3])
+    assert not qk.per_head  # every head's q dims meet the one shared table
+    plan.keep(qk.id, [0, 1, 2, 5, 6, 7]).keep(v.id, [[1, 4, 7], [0, 1, 2], [3, 5, 6], [2, 4, 5]])  # 6 qk vs 3 v dims
+    slim, masked = vitgraph.compress(m, plan, an), vitgraph.mask(m, plan, an)
+    assert slim.block.qkv.out_features == 3 * (6 + 6 + 3) and slim.block.table.shape == (2 * N - 1, 6)
+    for b in (2, 5):
+        x = inputs(b)
+        with torch.no_grad():
+            assert rel_err(slim(x), masked(x)) <= 1e-5
