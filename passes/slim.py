@@ -397,6 +397,17 @@ def rewrite_group_norm(rc: RewriteContext, node: fx.Node) -> None:
     m.num_channels = c
 
 
+@register_rewrite(F.group_norm)
+def rewrite_group_norm_function(rc: RewriteContext, node: fx.Node) -> None:
+    """A per-channel num_groups follows the new width."""
+    td = rc.dims(node.args[0])
+    c_old, c_new = td.shape[1], rc.new_shape(td)[1]
+    if len(node.args) > 1 and node.args[1] == c_old:
+        node.args = (node.args[0], c_new, *node.args[2:])
+    elif node.kwargs.get("num_groups") == c_old:
+        node.kwargs = {**node.kwargs, "num_groups": c_new}
+
+
 # ---------------------------------------------------------------------------------------------
 # fused projections whose sections end at different sizes
 

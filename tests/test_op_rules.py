@@ -691,3 +691,39 @@ def test_batch_merged_with_heads_stays_dynamic():
         x = inputs(b)
         with torch.no_grad():
             assert rel_err(slim(x), masked(x)) <= 1e-5
+
+
+class FunctionalNormsMLP(nn.Module):
+    """Hidden channels through per-channel ``F.group_norm``, ``torch.square`` and an
+    ``addcmul`` affine (ResMLP style); ``one_group`` normalises them all together instead."""
+
+    def __init__(self, one_group: bool = False) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(C, 24), nn.Linear(24, C)
+        self.gn_w, self.gn_b = nn.Parameter(torch.randn(24)), nn.Parameter(torch.randn(24))
+        self.alpha, self.beta = nn.Parameter(torch.randn(24)), nn.Parameter(torch.randn(24))
+        self.groups = 1 if one_group else 24
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x).transpose(1, 2)  # [B, 24, N]
+        h = F.group_norm(h, self.groups, self.gn_w, self.gn_b).transpose(1, 2)
+        h = torch.addcmul(self.beta, self.alpha, torch.square(h))
+        return x + self.fc2(h)
+
+
+@pytest.mark.parametrize("one_group", [False, True])
+def test_functional_group_norm_square_addcmul(one_group):
+    m = build(FunctionalNormsMLP, one_group)
+    an = vitgraph.analyze(m, inputs(1))
+    assert not an.unruled, an.unruled
+    # one group: statistics over every hidden channel, a normalised group (kind "other")
+    kind = "other" if one_group else "ffn"
+    assert kinds_and_sizes(an) == sorted([(kind, 24), ("residual", C)]), str(an)
+    ffn = only(an, kind)
+    assert {("block.gn_w", 0), ("block.alpha", 0), ("block.beta", 0)} <= set(ffn.params)
+    assert ffn.normalized == one_group
+    plan = vitgraph.Plan.random(an, 0.5, seed=0)
+    with torch.no_grad():
+        assert vitgraph.compress(m, plan, an)(inputs()).shape == (B, NCLS)
+    if not one_group:
+        assert_exact(m, an)

@@ -159,6 +159,9 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 # ----------------------------------------------------------------------------- export
 
 
+_DYNAMO_NATIVE_OPSET = 18  # the opset torch.onnx's dynamo exporter writes before converting
+
+
 def _export_with_fallback(
     module: nn.Module,
     path: Path,
@@ -171,6 +174,10 @@ def _export_with_fallback(
     """Export with the dynamo exporter, falling back to TorchScript; returns the one used."""
     try:
         _export_dynamo(module, path, inputs, input_names, output_names, opset, dynamic_batch)
+        # the dynamo exporter writes opset 18 and converts down; a node it could not convert
+        # (Split with num_outputs below 18) fails the checker: the TorchScript exporter then
+        # writes the requested opset natively
+        _run_checker(path)
         return "dynamo"
     except Exception as dynamo_error:  # noqa: BLE001 - any exporter failure triggers the fallback
         warnings.warn(
@@ -181,6 +188,13 @@ def _export_with_fallback(
         try:
             _export_torchscript(module, path, inputs, input_names, output_names, opset, dynamic_batch)
         except Exception as ts_error:  # noqa: BLE001
+            if opset < _DYNAMO_NATIVE_OPSET:
+                try:  # the dynamo graph is fine at its own opset; export_onnx warns about the change
+                    _export_dynamo(module, path, inputs, input_names, output_names, _DYNAMO_NATIVE_OPSET, dynamic_batch)
+                    _run_checker(path)
+                    return "dynamo"
+                except Exception:  # noqa: BLE001 - report the failures at the requested opset
+                    pass
             raise ExportError(
                 f"both ONNX exporters failed for {type(module).__name__}: dynamo: "
                 f"{_first_line(dynamo_error)} | torchscript: {_first_line(ts_error)}"

@@ -182,7 +182,9 @@ _POINTWISE_FUNCS = [
     torch.tanh, torch.relu, torch.sqrt, torch.rsqrt, torch.abs, torch.clamp, torch.where,
     torch.sin, torch.cos, torch.pow, torch.erf, torch.maximum, torch.minimum,
     F.gelu, F.silu, F.relu, F.relu6, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.mish,
-    F.elu, F.leaky_relu, F.dropout, F.softplus,
+    F.elu, F.leaky_relu, F.dropout, F.softplus, F.hardtanh,
+    torch.square, torch.addcmul, torch.addcdiv, torch.lerp, torch.reciprocal, torch.sign,
+    torch.log1p, torch.expm1,
 ]
 _POINTWISE_METHODS = [
     "add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_", "neg", "exp", "log", "sigmoid",
@@ -194,7 +196,7 @@ _POINTWISE_METHODS = [
 _POINTWISE_MODULES = [
     nn.Dropout, nn.Identity, nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid,
     nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.ELU, nn.LeakyReLU, nn.Dropout2d,
-    nn.Dropout1d, nn.Softplus,
+    nn.Dropout1d, nn.Softplus, nn.Hardtanh,
 ]
 
 

@@ -105,15 +105,30 @@ def batch_norm_function(ctx: RuleContext, node: fx.Node) -> Any:
     return channel_norm(ctx, ctx.dims(node.args[0]), [p for p in ps if isinstance(p, TensorDims)])
 
 
+def group_norm(ctx: RuleContext, x: TensorDims, groups: int, ps: list) -> TensorDims:
+    """Group norm: prunable with one group (statistics over every channel, so the channels are
+    normalised together: role ``norm``) or one channel per group (per-channel statistics)."""
+    if groups == 1:
+        ctx.role(x.dims[1], "norm")
+    elif groups != x.shape[1]:
+        ctx.freeze(x.dims[1], "group norm", f"{groups} groups fix the channel count per group")
+    return channel_norm(ctx, x, ps)
+
+
 @register_rule(nn.GroupNorm)
 def group_norm_module(ctx: RuleContext, node: fx.Node) -> Any:
-    """nn.GroupNorm: prunable when it has one group or one channel per group."""
+    """nn.GroupNorm."""
     mod = ctx.gm.get_submodule(node.target)
-    x = ctx.dims(node.args[0])
     ps = [ctx.param(f"{node.target}.{n}") for n in ("weight", "bias") if getattr(mod, n, None) is not None]
-    if mod.num_groups not in (1, mod.num_channels):
-        ctx.freeze(x.dims[1], "group norm", f"{mod.num_groups} groups fix the channel count per group")
-    return channel_norm(ctx, x, ps)
+    return group_norm(ctx, ctx.dims(node.args[0]), mod.num_groups, ps)
+
+
+@register_rule(F.group_norm)
+def group_norm_function(ctx: RuleContext, node: fx.Node) -> Any:
+    """F.group_norm(x, num_groups, weight, bias, eps)."""
+    ps = [ctx.dims(arg(node, i, n)) for i, n in ((2, "weight"), (3, "bias"))]
+    return group_norm(ctx, ctx.dims(node.args[0]), int(arg(node, 1, "num_groups")),
+                      [p for p in ps if isinstance(p, TensorDims)])
 
 
 def _per_dim(v: Any, n: int) -> tuple:
