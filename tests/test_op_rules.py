@@ -727,3 +727,31 @@ def test_functional_group_norm_square_addcmul(one_group):
         assert vitgraph.compress(m, plan, an)(inputs()).shape == (B, NCLS)
     if not one_group:
         assert_exact(m, an)
+
+
+from timm.layers import register_notrace_module  # noqa: E402
+
+
+@register_notrace_module
+class ShapeBranchingMLP(nn.Module):
+    """A timm leaf whose forward branches on its input's static sizes and device (like
+    EfficientViT's LiteMLA) and reads the batch size: inlined with those sizes fixed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(C, 24), nn.Linear(24, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        h = self.fc1(x)
+        if h.device.type != "meta" and n == N:  # control flow on device and token count
+            h = F.gelu(h)
+        return x + self.fc2(h).reshape(b, n, c)
+
+
+def test_leaf_module_branching_on_static_sizes_is_inlined():
+    m = build(ShapeBranchingMLP)
+    an = vitgraph.analyze(m, inputs(1))
+    assert not an.unruled, an.unruled
+    assert kinds_and_sizes(an) == [("ffn", 24), ("residual", C)], str(an)
+    assert_exact(m, an)  # analysed at batch 1, run at batch 2: the batch stays symbolic

@@ -10,8 +10,9 @@ parameters, so the op rules see inside it and the slim rewrite can change its wi
 from __future__ import annotations
 
 import operator
-from typing import Callable
+from typing import Callable, Optional
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
@@ -171,8 +172,12 @@ def _subtrace(gm: fx.GraphModule, node: fx.Node, tracer_cls: type) -> tuple:
         else:
             consts[name] = _concrete(val)
     tracer = tracer_cls(honour_timm=False)
-    # parameters and buffers have static shapes: the callee may branch on them
-    tracer.static_shapes = {name: tuple(v.meta["tensor_meta"].shape) for name, v in tensors.items() if v.op == "get_attr"}
+    # parameters and buffers have static shapes, activations too except their batch-dependent
+    # dims: the callee may branch on them
+    tracer.static_shapes = {name: _static_meta(gm, v) for name, v in tensors.items()}
+    tracer.static_shapes = {k: v for k, v in tracer.static_shapes.items() if v is not None}
+    p = next(iter(gm.parameters()), None)
+    tracer.static_device = p.device if p is not None else torch.device("cpu")
     graph = tracer.trace(root, concrete_args=consts)
     # placeholders come in signature order, a fixed argument flattened into its leaves
     from torch.utils._pytree import tree_leaves
@@ -190,6 +195,21 @@ def _subtrace(gm: fx.GraphModule, node: fx.Node, tracer_cls: type) -> tuple:
     if len(phs) != len(flat):
         raise ValueError("placeholders do not match the arguments")
     return graph, dict(zip(phs, flat)), tracer.root
+
+
+def _static_meta(gm: fx.GraphModule, v: fx.Node) -> Optional[tuple]:
+    """(shape with None for batch-dependent dims, dtype) of a tensor argument, or None
+    when which dims follow the batch is unknown."""
+    from .trace import BATCH_DIMS_KEY
+
+    tm = v.meta["tensor_meta"]
+    if v.op == "get_attr":
+        dyn: frozenset = frozenset()
+    elif BATCH_DIMS_KEY in v.meta:
+        dyn = v.meta[BATCH_DIMS_KEY]
+    else:
+        return None
+    return tuple(None if i in dyn else int(s) for i, s in enumerate(tm.shape)), tm.dtype
 
 
 def _splice(gm: fx.GraphModule, node: fx.Node, sub: fx.Graph, inputs: dict, root: nn.Module) -> bool:
