@@ -122,14 +122,14 @@ def inline_opaque(gm: fx.GraphModule, is_opaque: Callable[[fx.Node], bool]) -> l
     and its graph replaces the call.  Calls that still cannot be traced stay opaque.  Returns
     the targets that were inlined.
     """
-    from .trace import ViTTracer
+    from .inline_tracer import InlineTracer
 
     done = []
     for node in list(gm.graph.nodes):
         if node.op not in ("call_module", "call_function") or not is_opaque(node):
             continue
         try:
-            sub, inputs, root = _subtrace(gm, node, ViTTracer)
+            sub, inputs, root = _subtrace(gm, node, InlineTracer)
         except Exception:  # noqa: BLE001 - not traceable even with fixed arguments: stays opaque
             continue
         if _splice(gm, node, sub, inputs, root):
@@ -161,6 +161,7 @@ def _subtrace(gm: fx.GraphModule, node: fx.Node, tracer_cls: type) -> tuple:
         root = node.target
         sig = inspect.signature(root)
     bound = sig.bind(*node.args, **node.kwargs)
+    bound.apply_defaults()  # arguments left at their defaults are constants too (``logit_scale=None``)
     tensors: dict[str, fx.Node] = {}
     consts: dict[str, object] = {}
     for name, val in bound.arguments.items():
@@ -172,13 +173,28 @@ def _subtrace(gm: fx.GraphModule, node: fx.Node, tracer_cls: type) -> tuple:
         else:
             consts[name] = _concrete(val)
     tracer = tracer_cls(honour_timm=False)
-    # parameters and buffers have static shapes, activations too except their batch-dependent
-    # dims: the callee may branch on them
-    tracer.static_shapes = {name: _static_meta(gm, v) for name, v in tensors.items()}
-    tracer.static_shapes = {k: v for k, v in tracer.static_shapes.items() if v is not None}
+    # the callee may branch on sizes: its proxies carry meta values at two batch sizes
+    tracer.inputs = {name: pair for name, v in tensors.items() if (pair := _meta_pair(v)) is not None}
     p = next(iter(gm.parameters()), None)
     tracer.static_device = p.device if p is not None else torch.device("cpu")
-    graph = tracer.trace(root, concrete_args=consts)
+    # a forward may cache values on its module (``self.rel_indices = ...``): tracing would leave
+    # proxies there, so every module's attributes are put back afterwards
+    saved = [(m, dict(m.__dict__), {k: (v, v.copy()) for k, v in m.__dict__.items() if isinstance(v, (dict, list))})
+             for m in root.modules()] if isinstance(root, nn.Module) else []
+    made: dict[str, object] = {}  # constants the tracer stored on the callee while tracing
+    try:
+        graph = tracer.trace(root, concrete_args=consts)
+        if saved:
+            for n in graph.nodes:
+                if n.op == "get_attr" and "." not in n.target and n.target not in saved[0][1]:
+                    made[n.target] = getattr(root, n.target)
+    finally:
+        for m, attrs, containers in saved:  # (containers such as a bias cache dict filled in place too)
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            for obj, content in containers.values():
+                obj.clear()
+                obj.extend(content) if isinstance(obj, list) else obj.update(content)
     # placeholders come in signature order, a fixed argument flattened into its leaves
     from torch.utils._pytree import tree_leaves
 
@@ -194,26 +210,25 @@ def _subtrace(gm: fx.GraphModule, node: fx.Node, tracer_cls: type) -> tuple:
     phs = [n for n in graph.nodes if n.op == "placeholder"]
     if len(phs) != len(flat):
         raise ValueError("placeholders do not match the arguments")
-    return graph, dict(zip(phs, flat)), tracer.root
+    return graph, dict(zip(phs, flat)), (tracer.root, made)
 
 
-def _static_meta(gm: fx.GraphModule, v: fx.Node) -> Optional[tuple]:
-    """(shape with None for batch-dependent dims, dtype) of a tensor argument, or None
-    when which dims follow the batch is unknown."""
-    from .trace import BATCH_DIMS_KEY
+def _meta_pair(v: fx.Node) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    """Meta tensors of ``v`` at the example batch and at the example batch + 1 (None if the
+    second is unknown)."""
+    from .trace import GROWN_SHAPE_KEY
 
     tm = v.meta["tensor_meta"]
-    if v.op == "get_attr":
-        dyn: frozenset = frozenset()
-    elif BATCH_DIMS_KEY in v.meta:
-        dyn = v.meta[BATCH_DIMS_KEY]
-    else:
+    grown = tuple(tm.shape) if v.op == "get_attr" else v.meta.get(GROWN_SHAPE_KEY)
+    if grown is None:
         return None
-    return tuple(None if i in dyn else int(s) for i, s in enumerate(tm.shape)), tm.dtype
+    return torch.empty(tm.shape, dtype=tm.dtype, device="meta"), torch.empty(grown, dtype=tm.dtype, device="meta")
 
 
-def _splice(gm: fx.GraphModule, node: fx.Node, sub: fx.Graph, inputs: dict, root: nn.Module) -> bool:
-    """Replace ``node`` by the nodes of ``sub``; ``inputs`` maps sub's placeholders to values."""
+def _splice(gm: fx.GraphModule, node: fx.Node, sub: fx.Graph, inputs: dict, root_and_made: tuple) -> bool:
+    """Replace ``node`` by the nodes of ``sub``; ``inputs`` maps sub's placeholders to values;
+    ``root_and_made``: the traced root and the constants tracing stored on it."""
+    root, made = root_and_made
     out_node = next(n for n in sub.nodes if n.op == "output")
     result = out_node.args[0]
     info = getattr(sub._codegen, "pytree_info", None)
@@ -240,11 +255,11 @@ def _splice(gm: fx.GraphModule, node: fx.Node, sub: fx.Graph, inputs: dict, root
             elif sn.op == "output":
                 continue
             elif sn.op == "get_attr":
-                if prefix:
+                if prefix and sn.target not in made:
                     env[sn] = g.get_attr(prefix + sn.target)
-                else:  # constants the function made while tracing: move them onto gm
+                else:  # constants made while tracing: move them onto gm
                     new = f"_vitgraph_const_{len(list(gm.named_buffers()))}_{sn.target}"
-                    gm.register_buffer(new, getattr(root, sn.target))
+                    gm.register_buffer(new, made[sn.target] if sn.target in made else getattr(root, sn.target))
                     env[sn] = g.get_attr(new)
             else:
                 new = g.node_copy(sn, lambda a: env[a])

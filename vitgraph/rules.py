@@ -183,6 +183,8 @@ _POINTWISE_FUNCS = [
     torch.sin, torch.cos, torch.pow, torch.erf, torch.maximum, torch.minimum,
     F.gelu, F.silu, F.relu, F.relu6, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.mish,
     F.elu, F.leaky_relu, F.dropout, F.softplus, F.hardtanh,
+    operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+    torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
     torch.square, torch.addcmul, torch.addcdiv, torch.lerp, torch.reciprocal, torch.sign,
     torch.log1p, torch.expm1,
 ]
@@ -192,6 +194,7 @@ _POINTWISE_METHODS = [
     "float", "half", "bfloat16", "double", "to", "type", "contiguous", "clone",
     "detach", "masked_fill", "masked_fill_", "erf", "sign", "reciprocal", "square", "clamp_min",
     "clamp_max", "__add__", "__mul__", "__rmul__", "__radd__", "sigmoid_", "gelu", "silu",
+    "eq", "ne", "lt", "le", "gt", "ge",
 ]
 _POINTWISE_MODULES = [
     nn.Dropout, nn.Identity, nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid,
@@ -238,6 +241,11 @@ def like_rule(ctx: RuleContext, node: fx.Node) -> Any:
     if not isinstance(x, TensorDims):
         return no_rule(ctx, node)
     if isinstance(node.target, str) and node.target.startswith("new_"):
+        size = node.args[1:] if len(node.args) > 1 else (node.kwargs.get("size"),)
+        flat = list(size[0]) if len(size) == 1 and isinstance(size[0], (list, tuple)) else list(size)
+        shp = ctx.out_shape()
+        if shp is not None and flat and all(isinstance(v, int) for v in flat):
+            return TensorDims(shp, (None,) * len(shp), False)  # a constant shape: no channels
         return no_rule(ctx, node)
     return TensorDims(x.shape, x.dims, False)
 
@@ -649,6 +657,16 @@ def _split_outer(ctx: RuleContext, blk: tuple[int, ...], sizes: list[int], rule:
     if any(p is None for p in outer):
         return None
     return [tuple(b + blk[1:] for b in p) for p in outer]
+
+
+@register_rule(operator.setitem)
+def setitem_rule(ctx: RuleContext, node: fx.Node) -> Any:
+    """In-place ``x[idx] = v``: fine on tensors without channels (masks built from sizes);
+    channels written in place are frozen."""
+    for td in tensor_args(ctx, node):
+        for lay in td.dims:
+            ctx.freeze(lay, "in-place write", "channels written through an index")
+    return None
 
 
 @register_rule(operator.getitem)

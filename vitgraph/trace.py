@@ -23,47 +23,7 @@ def _timm_registries() -> tuple[set[type], set[Callable]]:
     return set(getattr(_fx, "_leaf_modules", ())), set(getattr(_fx, "_autowrap_functions", ()))
 
 
-BATCH_DIMS_KEY = "vitgraph.batch_dims"  # dims of a node's tensor whose size follows the batch
-
-
-class StaticDeviceProxy(fx.Proxy):
-    """A proxy whose ``device`` is the (fixed) device of the model being inlined into."""
-
-    @property
-    def device(self) -> torch.device:
-        return self.tracer.static_device
-
-
-class StaticShapeProxy(StaticDeviceProxy):
-    """A proxy for a tensor argument of an inlined call whose shape is known: every dim but the
-    batch-dependent ones is a constant (and so are dtype and device), so the traced code may
-    branch on them (``if rel_pos.shape[0] != n``, ``if v.device.type != 'meta'``).  Sizes of
-    batch-dependent dims stay symbolic."""
-
-    def __init__(self, node: fx.Node, tracer: fx.Tracer, meta: tuple) -> None:
-        super().__init__(node, tracer)
-        self._static_shape, self._dtype = meta  # shape entries: int, or None if dynamic
-
-    @property
-    def shape(self) -> Any:
-        if all(s is not None for s in self._static_shape):
-            return torch.Size(self._static_shape)
-        full = self.tracer.create_proxy("call_function", getattr, (self, "shape"), {})
-        return tuple(full[i] if s is None else s for i, s in enumerate(self._static_shape))
-
-    @property
-    def ndim(self) -> int:
-        return len(self._static_shape)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._dtype
-
-    def size(self, dim: Optional[int] = None) -> Any:
-        return self.shape if dim is None else self.shape[dim]
-
-    def dim(self) -> int:
-        return len(self._static_shape)
+GROWN_SHAPE_KEY = "vitgraph.grown_shape"  # a node's tensor shape at the example batch + 1
 
 
 class ViTTracer(fx.Tracer):
@@ -79,15 +39,6 @@ class ViTTracer(fx.Tracer):
         self._leaf_types = tuple(leaves)
         self.module_path: list[str] = []
         self.failed_in: Optional[str] = None
-        self.static_shapes: dict[str, tuple] = {}  # placeholder name -> (shape, dtype, device)
-        self.static_device: Optional[torch.device] = None  # set: every proxy reports this device
-
-    def proxy(self, node: fx.Node) -> fx.Proxy:
-        if node.op == "placeholder" and node.target in self.static_shapes:
-            return StaticShapeProxy(node, self, self.static_shapes[node.target])
-        if self.static_device is not None:
-            return StaticDeviceProxy(node, self)
-        return super().proxy(node)
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         """Parameters and buffers become get_attr nodes (found by identity in O(1), not by a scan)."""
@@ -186,8 +137,10 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphM
         gm.meta["vitgraph.honour_timm"] = False
         lower(gm)
         _propagate_shapes(gm, example_inputs)
-        if any(_is_opaque(n) for n in gm.graph.nodes) and _probe_batch_values(gm, example_inputs) and \
-                inline_opaque(gm, _is_opaque):
+        for _ in range(4):  # an inlined call's nodes get shapes before the calls they feed are tried
+            if not (any(_is_opaque(n) for n in gm.graph.nodes) and _probe_batch_values(gm, example_inputs)
+                    and inline_opaque(gm, _is_opaque)):
+                break
             lower(gm)
             _propagate_shapes(gm, example_inputs)
     finally:
@@ -211,8 +164,7 @@ def _probe_batch_values(gm: fx.GraphModule, example_inputs: Sequence[torch.Tenso
     """Drop the recorded values that change with the batch size: only values that are the same
     at batch n and n + 1 (spatial sizes, window shapes) may be fixed when inlining."""
     first = {n: n.meta[VALUE_KEY] for n in gm.graph.nodes if VALUE_KEY in n.meta}
-    shapes = {n: tuple(n.meta["tensor_meta"].shape) for n in gm.graph.nodes
-              if hasattr(n.meta.get("tensor_meta"), "shape")}
+    shapes = [n for n in gm.graph.nodes if hasattr(n.meta.get("tensor_meta"), "shape")]
     grown = [torch.cat([t, t[:1]]) if t.dim() > 0 else t for t in example_inputs]
     try:
         with torch.no_grad():
@@ -222,10 +174,10 @@ def _probe_batch_values(gm: fx.GraphModule, example_inputs: Sequence[torch.Tenso
             n.meta.pop(VALUE_KEY, None)
         return False
     stable = {n for n, v in first.items() if n.meta.get(VALUE_KEY) == v}
-    for n, s0 in shapes.items():
+    for n in shapes:
         s1 = getattr(n.meta.get("tensor_meta"), "shape", None)
-        if s1 is not None and len(s1) == len(s0):
-            n.meta[BATCH_DIMS_KEY] = frozenset(i for i, (a, b) in enumerate(zip(s0, s1)) if a != b)
+        if s1 is not None:
+            n.meta[GROWN_SHAPE_KEY] = tuple(s1)
     _propagate_shapes(gm, example_inputs)  # tensor metadata back at the example batch
     for n in gm.graph.nodes:
         if n not in stable:
@@ -243,9 +195,9 @@ def _is_opaque(node: fx.Node) -> bool:
         if type(mod).__module__.startswith("torch."):
             return False
     elif node.op == "call_function":
-        if getattr(node.target, "__module__", None) in (None, "_operator", "operator", "builtins", "math") or \
-                getattr(node.target, "__module__", "").startswith("torch"):
-            return False
+        mod_name = getattr(node.target, "__module__", None)
+        if mod_name in (None, "_operator", "operator", "builtins", "math", "torch") or mod_name.startswith("torch."):
+            return False  # (torchvision's wrapped functions are not torch's own: they may be inlined)
     else:
         return False
     return lookup_rule(gm, node) is None

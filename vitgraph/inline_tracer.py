@@ -1,0 +1,135 @@
+"""The tracer used to inline opaque calls: proxies that know their shapes.
+
+An opaque call (a timm leaf module, a ``torch.fx.wrap``-ped function) usually is opaque because
+its Python code branches on sizes: ``if window_size[0] >= pad_H``, ``if v.device.type != 'meta'``.
+Within one analysis those sizes are fixed except the ones that follow the batch.  While tracing
+the callee, every proxy here carries two meta tensors: its value at the example batch and at the
+example batch + 1.  A size equal in both is a constant the code may branch on; a size that
+differs follows the batch and stays symbolic in the graph (so the batch stays dynamic).
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+from torch.fx.proxy import Attribute
+from torch.nn.utils.stateless import _reparametrize_module
+
+from .trace import ViTTracer
+
+Pair = Optional[tuple[torch.Tensor, torch.Tensor]]
+
+
+class ShapedProxy(fx.Proxy):
+    """A proxy with the meta values at two batch sizes (``pair``, None if unknown)."""
+
+    def __init__(self, node: fx.Node, tracer: fx.Tracer) -> None:
+        super().__init__(node, tracer)
+        self.pair: Pair = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.tracer.static_device  # one device for the whole model being analysed
+
+    @property
+    def dtype(self) -> Any:
+        return self.pair[0].dtype if self.pair is not None else Attribute(self, "dtype")
+
+    @property
+    def shape(self) -> Any:
+        if self.pair is None:
+            return Attribute(self, "shape")
+        a, b = self.pair[0].shape, self.pair[1].shape
+        if a == b:
+            return a
+        full = self.tracer.create_proxy("call_function", getattr, (self, "shape"), {})
+        return tuple(full[i] if x != y else x for i, (x, y) in enumerate(zip(a, b)))
+
+    @property
+    def ndim(self) -> Any:
+        return self.pair[0].dim() if self.pair is not None else Attribute(self, "ndim")
+
+    def size(self, dim: Optional[int] = None) -> Any:
+        if self.pair is None:
+            return Attribute(self, "size")(*(() if dim is None else (dim,)))
+        return self.shape if dim is None else self.shape[dim]
+
+    def dim(self) -> Any:
+        return self.pair[0].dim() if self.pair is not None else Attribute(self, "dim")()
+
+    def __setitem__(self, idx: Any, value: Any) -> None:
+        # in-place writes (Swin's shifted-window mask: ``mask[h0:h1, w0:w1] = k``) are recorded
+        # as operator.setitem, which fx keeps as a side effect; the meta values follow the write
+        self.tracer.create_proxy("call_function", operator.setitem, (self, idx, value), {})
+
+
+def _side(v: Any, k: int) -> Any:
+    """``v`` with every proxy replaced by its meta value number ``k`` (raises if one is unknown)."""
+    if isinstance(v, ShapedProxy):
+        if v.pair is None:
+            raise LookupError("no meta value")
+        return v.pair[k]
+    if isinstance(v, fx.Proxy):
+        raise LookupError("no meta value")
+    if isinstance(v, (list, tuple)):
+        return type(v)(_side(x, k) for x in v) if not hasattr(v, "_fields") else type(v)(*(_side(x, k) for x in v))
+    if isinstance(v, dict):
+        return {key: _side(x, k) for key, x in v.items()}
+    return v
+
+
+class InlineTracer(ViTTracer):
+    """Traces a callee with every proxy's meta values computed alongside (see module doc)."""
+
+    def __init__(self, honour_timm: bool = False) -> None:
+        super().__init__(honour_timm)
+        self.inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # placeholder -> meta pair
+        self.static_device = torch.device("cpu")
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return ShapedProxy(node, self)
+
+    def create_proxy(self, kind: str, target: Any, args: tuple, kwargs: dict, name: Optional[str] = None,
+                     type_expr: Any = None, proxy_factory_fn: Any = None) -> fx.Proxy:
+        p = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if isinstance(p, ShapedProxy):
+            try:
+                p.pair = self._values(kind, target, args, kwargs)
+            except Exception:  # noqa: BLE001 - unknown value: the proxy behaves like a plain one
+                p.pair = None
+        return p
+
+    def _values(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Pair:
+        if kind == "placeholder":
+            return self.inputs.get(target)
+        if kind == "get_attr":
+            t = self.root
+            for part in target.split("."):
+                t = getattr(t, part)
+            m = t.to("meta") if isinstance(t, torch.Tensor) else None
+            return (m, m) if m is not None else None
+        out = []
+        for k in (0, 1):
+            a, kw = _side(args, k), _side(kwargs, k)
+            with torch.no_grad():
+                if kind == "call_function":
+                    r = target(*a, **kw)
+                elif kind == "call_method":
+                    r = getattr(a[0], target)(*a[1:], **kw)
+                elif kind == "call_module":
+                    # nn.Module.__call__ is patched while tracing (it would record nodes): run the
+                    # forward of torch.nn's own leaf modules directly, with meta parameters
+                    mod = self.root.get_submodule(target)
+                    if not type(mod).__module__.startswith("torch.nn"):
+                        return None
+                    state = {n: v.to("meta") for n, v in list(mod.named_parameters()) + list(mod.named_buffers())}
+                    with _reparametrize_module(mod, state):
+                        r = type(mod).forward(mod, *a, **kw)
+                else:
+                    return None
+            if not isinstance(r, torch.Tensor):
+                return None
+            out.append(r)
+        return out[0], out[1]
