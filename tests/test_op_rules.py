@@ -755,3 +755,35 @@ def test_leaf_module_branching_on_static_sizes_is_inlined():
     assert not an.unruled, an.unruled
     assert kinds_and_sizes(an) == [("ffn", 24), ("residual", C)], str(an)
     assert_exact(m, an)  # analysed at batch 1, run at batch 2: the batch stays symbolic
+
+
+@torch.fx.wrap
+def padded_window_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, window: int) -> torch.Tensor:
+    """A wrapped helper in torchvision's style: branches on an intermediate's size, builds a
+    mask by in-place writes into ``new_zeros`` and compares it, then runs an MLP on ``x``."""
+    pad = (window - x.shape[1] % window) % window
+    y = F.pad(x, (0, 0, 0, pad))
+    _, n_pad, _ = y.shape
+    mask = y.new_zeros((n_pad,))
+    if n_pad > window:  # control flow on the padded size
+        mask[window:] = 1.0
+    keep = (mask == 0).to(y.dtype) + (mask != 0).to(y.dtype)  # all ones, built from comparisons
+    h = F.gelu(F.linear(y, w1)) * keep[None, :, None]
+    return F.linear(h, w2)[:, : x.shape[1]]
+
+
+class WrappedWindowMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(torch.randn(24, C) * 0.2), nn.Parameter(torch.randn(C, 24) * 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + padded_window_mlp(x, self.w1, self.w2, 4)
+
+
+def test_wrapped_function_branching_on_intermediate_sizes_is_inlined():
+    m = build(WrappedWindowMLP)
+    an = vitgraph.analyze(m, inputs(1))
+    assert not an.unruled, an.unruled
+    assert kinds_and_sizes(an) == [("ffn", 24), ("residual", C)], str(an)
+    assert_exact(m, an)
