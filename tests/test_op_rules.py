@@ -740,13 +740,16 @@ class ShapeBranchingMLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(C, 24), nn.Linear(24, C)
+        self.pos = nn.Parameter(torch.randn(N, C))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape
         h = self.fc1(x)
         if h.device.type != "meta" and n == N:  # control flow on device and token count
             h = F.gelu(h)
-        return x + self.fc2(h).reshape(b, n, c)
+        y = self.fc2(h).reshape(b, n, c)
+        y.add_(self.pos)  # in place, result unused: must survive dead-code elimination
+        return x + y
 
 
 def test_leaf_module_branching_on_static_sizes_is_inlined():
@@ -754,6 +757,9 @@ def test_leaf_module_branching_on_static_sizes_is_inlined():
     an = vitgraph.analyze(m, inputs(1))
     assert not an.unruled, an.unruled
     assert kinds_and_sizes(an) == [("ffn", 24), ("residual", C)], str(an)
+    assert ("block.pos", 1) in only(an, "residual").params
+    with torch.no_grad():
+        assert rel_err(an.graph_module(inputs()), m(inputs())) <= 1e-6
     assert_exact(m, an)  # analysed at batch 1, run at batch 2: the batch stays symbolic
 
 

@@ -19,7 +19,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from .trace import ViTTracer
 
-Pair = Optional[tuple[torch.Tensor, torch.Tensor]]
+Pair = Optional[tuple[Any, Any]]  # meta tensors, or plain values (sizes, tuples of both)
 
 
 class ShapedProxy(fx.Proxy):
@@ -34,12 +34,16 @@ class ShapedProxy(fx.Proxy):
         return self.tracer.static_device  # one device for the whole model being analysed
 
     @property
+    def _tensors(self) -> bool:
+        return self.pair is not None and isinstance(self.pair[0], torch.Tensor)
+
+    @property
     def dtype(self) -> Any:
-        return self.pair[0].dtype if self.pair is not None else Attribute(self, "dtype")
+        return self.pair[0].dtype if self._tensors else Attribute(self, "dtype")
 
     @property
     def shape(self) -> Any:
-        if self.pair is None:
+        if not self._tensors:
             return Attribute(self, "shape")
         a, b = self.pair[0].shape, self.pair[1].shape
         if a == b:
@@ -49,15 +53,15 @@ class ShapedProxy(fx.Proxy):
 
     @property
     def ndim(self) -> Any:
-        return self.pair[0].dim() if self.pair is not None else Attribute(self, "ndim")
+        return self.pair[0].dim() if self._tensors else Attribute(self, "ndim")
 
     def size(self, dim: Optional[int] = None) -> Any:
-        if self.pair is None:
+        if not self._tensors:
             return Attribute(self, "size")(*(() if dim is None else (dim,)))
         return self.shape if dim is None else self.shape[dim]
 
     def dim(self) -> Any:
-        return self.pair[0].dim() if self.pair is not None else Attribute(self, "dim")()
+        return self.pair[0].dim() if self._tensors else Attribute(self, "dim")()
 
     def __setitem__(self, idx: Any, value: Any) -> None:
         # in-place writes (Swin's shifted-window mask: ``mask[h0:h1, w0:w1] = k``) are recorded
@@ -87,6 +91,7 @@ class InlineTracer(ViTTracer):
         super().__init__(honour_timm)
         self.inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # placeholder -> meta pair
         self.static_device = torch.device("cpu")
+        self._evaluating = False
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return ShapedProxy(node, self)
@@ -105,31 +110,72 @@ class InlineTracer(ViTTracer):
         if kind == "placeholder":
             return self.inputs.get(target)
         if kind == "get_attr":
-            t = self.root
-            for part in target.split("."):
-                t = getattr(t, part)
+            t = _lookup(self.root, target)
             m = t.to("meta") if isinstance(t, torch.Tensor) else None
             return (m, m) if m is not None else None
         out = []
-        for k in (0, 1):
-            a, kw = _side(args, k), _side(kwargs, k)
-            with torch.no_grad():
-                if kind == "call_function":
-                    r = target(*a, **kw)
-                elif kind == "call_method":
-                    r = getattr(a[0], target)(*a[1:], **kw)
-                elif kind == "call_module":
-                    # nn.Module.__call__ is patched while tracing (it would record nodes): run the
-                    # forward of torch.nn's own leaf modules directly, with meta parameters
-                    mod = self.root.get_submodule(target)
-                    if not type(mod).__module__.startswith("torch.nn"):
-                        return None
-                    state = {n: v.to("meta") for n, v in list(mod.named_parameters()) + list(mod.named_buffers())}
-                    with _reparametrize_module(mod, state):
-                        r = type(mod).forward(mod, *a, **kw)
-                else:
-                    return None
-            if not isinstance(r, torch.Tensor):
-                return None
-            out.append(r)
+        self._evaluating = True  # module calls and attribute reads run for real, recording nothing
+        try:
+            for k in (0, 1):
+                out.append(self._evaluate(kind, target, args, kwargs, k))
+        finally:
+            self._evaluating = False
         return out[0], out[1]
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        return attr_val if self._evaluating else super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def call_module(self, m: torch.nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        return forward(*args, **kwargs) if self._evaluating else super().call_module(m, forward, args, kwargs)
+
+    def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict, k: int) -> Any:
+        """The value of one call with meta value number ``k`` of every proxy argument."""
+        a, kw = _side(args, k), _side(kwargs, k)
+        with torch.no_grad():
+            if kind == "call_function":
+                return target(*a, **kw)
+            if kind == "call_method":
+                return getattr(a[0], target)(*a[1:], **kw)
+            if kind == "call_module":
+                mod = _lookup_module(self.root, target)
+                state = {n: v.to("meta") for n, v in list(mod.named_parameters()) + list(mod.named_buffers())}
+                with _reparametrize_module(mod, state):
+                    return mod(*a, **kw)
+        raise LookupError(kind)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """A condition on plain values that are the same at both batch sizes is a constant."""
+        if isinstance(obj, ShapedProxy) and obj.pair is not None and _plain(obj.pair[0]) and obj.pair[0] == obj.pair[1]:
+            return bool(obj.pair[0])
+        return super().to_bool(obj)
+
+    def iter(self, obj: fx.Proxy) -> Any:
+        """Unpacking a tuple result of known length (``x, grid = wrapped(...)``)."""
+        if isinstance(obj, ShapedProxy) and obj.pair is not None and isinstance(obj.pair[0], (tuple, list)):
+            return iter([obj[i] for i in range(len(obj.pair[0]))])
+        return super().iter(obj)
+
+
+def _lookup_module(root: torch.nn.Module, target: str) -> torch.nn.Module:
+    mod = root
+    for part in target.split("."):
+        mod = mod._modules[part]
+    return mod
+
+
+def _lookup(root: torch.nn.Module, target: str) -> Any:
+    """``root.<target>`` read from the module dicts (``getattr`` is patched while tracing and
+    would record another get_attr)."""
+    *path, name = target.split(".")
+    mod = root
+    for part in path:
+        mod = mod._modules[part]
+    for store in (mod._parameters, mod._buffers, mod.__dict__):
+        if name in store:
+            return store[name]
+    raise LookupError(target)
+
+
+def _plain(v: Any) -> bool:
+    return isinstance(v, (bool, int, float, str, type(None))) or (
+        isinstance(v, (tuple, list)) and all(_plain(x) for x in v))

@@ -41,7 +41,7 @@ def lower(gm: fx.GraphModule) -> int:
         if fn is not None and fn(gm, node, mod):
             count += 1
     if count:
-        gm.graph.eliminate_dead_code()
+        gm.graph.eliminate_dead_code(is_impure_node=keeps_side_effect)
         gm.graph.lint()
         gm.recompile()
     return count
@@ -113,6 +113,15 @@ def lower_mha(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention) -> bo
 VALUE_KEY = "vitgraph.value"  # node.meta entry: the concrete non-tensor value seen at shape propagation
 
 
+def keeps_side_effect(node: fx.Node) -> bool:
+    """Dead-code elimination must keep in-place ops whose result is unused (``x.add_(pos)``:
+    later uses of ``x`` read the mutated tensor) besides fx's own side-effectful calls."""
+    if node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
+            and not node.target.startswith("_"):
+        return True
+    return node.is_impure()
+
+
 def inline_opaque(gm: fx.GraphModule, is_opaque: Callable[[fx.Node], bool]) -> list[str]:
     """Trace through opaque calls (leaf modules, wrapped functions) whose Python control flow
     only depends on their non-tensor arguments (spatial sizes, window shapes, flags).
@@ -135,7 +144,7 @@ def inline_opaque(gm: fx.GraphModule, is_opaque: Callable[[fx.Node], bool]) -> l
         if _splice(gm, node, sub, inputs, root):
             done.append(str(node.target if node.op == "call_module" else getattr(node.target, "__name__", node.target)))
     if done:
-        gm.graph.eliminate_dead_code()
+        gm.graph.eliminate_dead_code(is_impure_node=keeps_side_effect)
         gm.graph.lint()
         gm.recompile()
     return done
@@ -186,7 +195,8 @@ def _subtrace(gm: fx.GraphModule, node: fx.Node, tracer_cls: type) -> tuple:
         graph = tracer.trace(root, concrete_args=consts)
         if saved:
             for n in graph.nodes:
-                if n.op == "get_attr" and "." not in n.target and n.target not in saved[0][1]:
+                if n.op == "get_attr" and "." not in n.target and n.target not in saved[0][1] \
+                        and n.target not in root._parameters and n.target not in root._buffers:
                     made[n.target] = getattr(root, n.target)
     finally:
         for m, attrs, containers in saved:  # (containers such as a bias cache dict filled in place too)
