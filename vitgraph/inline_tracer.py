@@ -39,7 +39,9 @@ class ShapedProxy(fx.Proxy):
 
     @property
     def dtype(self) -> Any:
-        return self.pair[0].dtype if self._tensors else Attribute(self, "dtype")
+        if self._tensors and self.tracer.static_dtype:
+            return self.pair[0].dtype
+        return Attribute(self, "dtype")
 
     @property
     def shape(self) -> Any:
@@ -92,6 +94,7 @@ class InlineTracer(ViTTracer):
         self.inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # placeholder -> meta pair
         self.static_device = torch.device("cpu")
         self._evaluating = False
+        self.static_dtype = True  # False: ``x.dtype`` stays symbolic (see LooseInlineTracer)
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return ShapedProxy(node, self)
@@ -179,3 +182,13 @@ def _lookup(root: torch.nn.Module, target: str) -> Any:
 def _plain(v: Any) -> bool:
     return isinstance(v, (bool, int, float, str, type(None))) or (
         isinstance(v, (tuple, list)) and all(_plain(x) for x in v))
+
+
+class LooseInlineTracer(InlineTracer):
+    """The second try: ``dtype`` stays a proxy, so a tensor the callee builds and casts to an
+    input's dtype (``torch.zeros(...).to(dtype=w.dtype)``) is a graph value rather than a
+    constant that a method call with a symbolic size (``.expand(B, ...)``) cannot take."""
+
+    def __init__(self, honour_timm: bool = False) -> None:
+        super().__init__(honour_timm)
+        self.static_dtype = False

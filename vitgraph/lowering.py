@@ -131,15 +131,20 @@ def inline_opaque(gm: fx.GraphModule, is_opaque: Callable[[fx.Node], bool]) -> l
     and its graph replaces the call.  Calls that still cannot be traced stay opaque.  Returns
     the targets that were inlined.
     """
-    from .inline_tracer import InlineTracer
+    from .inline_tracer import InlineTracer, LooseInlineTracer
 
     done = []
     for node in list(gm.graph.nodes):
         if node.op not in ("call_module", "call_function") or not is_opaque(node):
             continue
-        try:
-            sub, inputs, root = _subtrace(gm, node, InlineTracer)
-        except Exception:  # noqa: BLE001 - not traceable even with fixed arguments: stays opaque
+        sub = None
+        for tracer_cls in (InlineTracer, LooseInlineTracer):
+            try:
+                sub, inputs, root = _subtrace(gm, node, tracer_cls)
+                break
+            except Exception:  # noqa: BLE001 - not traceable even with fixed arguments: stays opaque
+                continue
+        if sub is None:
             continue
         if _splice(gm, node, sub, inputs, root):
             done.append(str(node.target if node.op == "call_module" else getattr(node.target, "__name__", node.target)))
