@@ -793,3 +793,30 @@ def test_wrapped_function_branching_on_intermediate_sizes_is_inlined():
     assert not an.unruled, an.unruled
     assert kinds_and_sizes(an) == [("ffn", 24), ("residual", C)], str(an)
     assert_exact(m, an)
+
+
+@register_notrace_module
+class CachingMLP(nn.Module):
+    """A leaf that caches a tensor on itself (ConViT's ``rel_indices``), cast to a weight's dtype
+    and expanded by the batch: traced into, and the module's cache left as it was."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(C, 24), nn.Linear(24, C)
+        self.cache = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        if self.cache is None or self.cache.shape[1] != n:
+            self.cache = torch.linspace(0, 1, n).view(1, n, 1).to(dtype=self.fc1.weight.dtype)
+        scale = self.cache.expand(b, -1, -1)
+        return x + self.fc2(F.gelu(self.fc1(x))) * scale
+
+
+def test_leaf_caching_state_is_inlined_and_left_untouched():
+    m = build(CachingMLP)
+    an = vitgraph.analyze(m, inputs(1))
+    assert m.block.cache is None  # tracing put nothing on the user's module
+    assert not an.unruled, an.unruled
+    assert kinds_and_sizes(an) == [("ffn", 24), ("residual", C)], str(an)
+    assert_exact(m, an)

@@ -9,8 +9,9 @@ parameters, so the op rules see inside it and the slim rewrite can change its wi
 """
 from __future__ import annotations
 
+import contextlib
 import operator
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.fx as fx
@@ -113,6 +114,24 @@ def lower_mha(gm: fx.GraphModule, node: fx.Node, m: nn.MultiheadAttention) -> bo
 VALUE_KEY = "vitgraph.value"  # node.meta entry: the concrete non-tensor value seen at shape propagation
 
 
+@contextlib.contextmanager
+def preserved_state(root: Optional[nn.Module]) -> Iterator[None]:
+    """Put every module's attributes back after tracing: a forward may cache values on its
+    module (``self.rel_indices = ...``, a bias cache dict filled in place), and tracing would
+    leave proxies in the user's model."""
+    saved = [(m, dict(m.__dict__), {k: (v, v.copy()) for k, v in m.__dict__.items() if isinstance(v, (dict, list))})
+             for m in root.modules()] if root is not None else []
+    try:
+        yield
+    finally:
+        for m, attrs, containers in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attrs)
+            for obj, content in containers.values():
+                obj.clear()
+                obj.extend(content) if isinstance(obj, list) else obj.update(content)
+
+
 def keeps_side_effect(node: fx.Node) -> bool:
     """Dead-code elimination must keep in-place ops whose result is unused (``x.add_(pos)``:
     later uses of ``x`` read the mutated tensor) besides fx's own side-effectful calls."""
@@ -191,25 +210,15 @@ def _subtrace(gm: fx.GraphModule, node: fx.Node, tracer_cls: type) -> tuple:
     tracer.inputs = {name: pair for name, v in tensors.items() if (pair := _meta_pair(v)) is not None}
     p = next(iter(gm.parameters()), None)
     tracer.static_device = p.device if p is not None else torch.device("cpu")
-    # a forward may cache values on its module (``self.rel_indices = ...``): tracing would leave
-    # proxies there, so every module's attributes are put back afterwards
-    saved = [(m, dict(m.__dict__), {k: (v, v.copy()) for k, v in m.__dict__.items() if isinstance(v, (dict, list))})
-             for m in root.modules()] if isinstance(root, nn.Module) else []
     made: dict[str, object] = {}  # constants the tracer stored on the callee while tracing
-    try:
+    with preserved_state(root if isinstance(root, nn.Module) else None):
+        before = set(root.__dict__) if isinstance(root, nn.Module) else set()
         graph = tracer.trace(root, concrete_args=consts)
-        if saved:
+        if isinstance(root, nn.Module):
             for n in graph.nodes:
-                if n.op == "get_attr" and "." not in n.target and n.target not in saved[0][1] \
+                if n.op == "get_attr" and "." not in n.target and n.target not in before \
                         and n.target not in root._parameters and n.target not in root._buffers:
                     made[n.target] = getattr(root, n.target)
-    finally:
-        for m, attrs, containers in saved:  # (containers such as a bias cache dict filled in place too)
-            m.__dict__.clear()
-            m.__dict__.update(attrs)
-            for obj, content in containers.values():
-                obj.clear()
-                obj.extend(content) if isinstance(obj, list) else obj.update(content)
     # placeholders come in signature order, a fixed argument flattened into its leaves
     from torch.utils._pytree import tree_leaves
 

@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from .lowering import VALUE_KEY, inline_opaque, lower
+from .lowering import VALUE_KEY, inline_opaque, lower, preserved_state
 from .errors import TraceError
 
 
@@ -106,7 +106,8 @@ def _defaults_beyond(model: nn.Module, n_inputs: int) -> dict[str, Any]:
 def _trace_once(model: nn.Module, honour_timm: bool, n_inputs: int = 1) -> fx.GraphModule:
     tracer = ViTTracer(honour_timm)
     try:
-        graph = tracer.trace(model, concrete_args=_defaults_beyond(model, n_inputs) or None)
+        with preserved_state(model):
+            graph = tracer.trace(model, concrete_args=_defaults_beyond(model, n_inputs) or None)
     except Exception as e:  # noqa: BLE001 - every tracing failure becomes one typed error
         where = tracer.failed_in or "<root>"
         mod = model.get_submodule(where) if where not in ("", "<root>") else model
