@@ -106,8 +106,9 @@ def _defaults_beyond(model: nn.Module, n_inputs: int) -> dict[str, Any]:
 def _trace_once(model: nn.Module, honour_timm: bool, n_inputs: int = 1) -> fx.GraphModule:
     tracer = ViTTracer(honour_timm)
     try:
-        with preserved_state(model):
+        with preserved_state(model):  # (the GraphModule takes the constants tracing put on model)
             graph = tracer.trace(model, concrete_args=_defaults_beyond(model, n_inputs) or None)
+            return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as e:  # noqa: BLE001 - every tracing failure becomes one typed error
         where = tracer.failed_in or "<root>"
         mod = model.get_submodule(where) if where not in ("", "<root>") else model
@@ -115,7 +116,6 @@ def _trace_once(model: nn.Module, honour_timm: bool, n_inputs: int = 1) -> fx.Gr
             f"cannot trace module '{where or '<root>'}' ({type(mod).__name__}): "
             f"{type(e).__name__}: {e} -- at {_user_frame(e)}"
         ) from e
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
