@@ -66,7 +66,7 @@ class ShapedProxy(fx.Proxy):
         return self.pair[0].dim() if self._tensors else Attribute(self, "dim")()
 
     def __setitem__(self, idx: Any, value: Any) -> None:
-        # in-place writes (Swin's shifted-window mask: ``mask[h0:h1, w0:w1] = k``) are recorded
+        # in-place writes (a shifted-window mask built by ``mask[h0:h1, w0:w1] = k``) are recorded
         # as operator.setitem, which fx keeps as a side effect; the meta values follow the write
         self.tracer.create_proxy("call_function", operator.setitem, (self, idx, value), {})
 

@@ -117,7 +117,7 @@ VALUE_KEY = "vitgraph.value"  # node.meta entry: the concrete non-tensor value s
 @contextlib.contextmanager
 def preserved_state(root: Optional[nn.Module]) -> Iterator[None]:
     """Put every module's attributes back after tracing: a forward may cache values on its
-    module (``self.rel_indices = ...``, a bias cache dict filled in place), and tracing would
+    module (``self.cached = ...``, a cache dict filled in place), and tracing would
     leave proxies in the user's model."""
     saved = [(m, dict(m.__dict__), {k: (v, v.copy()) for k, v in m.__dict__.items() if isinstance(v, (dict, list))})
              for m in root.modules()] if root is not None else []
@@ -194,7 +194,7 @@ def _subtrace(gm: fx.GraphModule, node: fx.Node, tracer_cls: type) -> tuple:
         root = node.target
         sig = inspect.signature(root)
     bound = sig.bind(*node.args, **node.kwargs)
-    bound.apply_defaults()  # arguments left at their defaults are constants too (``logit_scale=None``)
+    bound.apply_defaults()  # arguments left at their defaults are constants too (``scale=None``)
     tensors: dict[str, fx.Node] = {}
     consts: dict[str, object] = {}
     for name, val in bound.arguments.items():
