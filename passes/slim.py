@@ -20,7 +20,7 @@ from torch import nn
 
 from vitgraph.context import META_KEY, TensorDims, _get_tensor
 from vitgraph.errors import PlanError
-from vitgraph.rules import lookup
+from vitgraph.rules import STAND_IN, lookup
 from vitgraph.selection import RaggedSectionsError, Selection
 
 Rewrite = Callable[["RewriteContext", fx.Node], None]
@@ -136,9 +136,6 @@ def _replace_sizes(args: list, old: tuple, new: tuple, dims: Optional[tuple] = N
     return out
 
 
-STAND_IN = "dimension without channels merged into channels"  # origin of such axes (rules.reshape)
-
-
 def _stand_in_extent(store: Any, lay: Any) -> Optional[int]:
     """Product of the sizes of the non-channel dims (batch, tokens) merged into a channel dim,
     e.g. the ``B`` of a ``B * heads`` dim; None when there are none."""
@@ -147,7 +144,7 @@ def _stand_in_extent(store: Any, lay: Any) -> Optional[int]:
     ext = None
     for blk in store.expand(lay):
         for f in blk:
-            if store.origin[f] == STAND_IN or store.origin[store.find(f)] == STAND_IN:
+            if store.origin[f] == STAND_IN or store.origin[store.find(f)] == STAND_IN:  # set by reshape_dims
                 ext = (ext or 1) * store.size[f]
     return ext
 
@@ -193,27 +190,32 @@ def _structural(a: Any) -> bool:
         return True
     if not isinstance(a, fx.Node):
         return False
-    if _is_shape_read(a):
+    if _shape_read(a) is not None:
         return _source_layout(a) is None
     if a.op == "call_function" and a.target in _SIZE_ARITH:
         return all(_structural(x) for x in a.args) and not a.kwargs
     return False
 
 
-def _is_shape_read(a: fx.Node) -> bool:
+def _shape_read(a: Any) -> Optional[tuple[fx.Node, Any]]:
+    """``(x, i)`` when ``a`` is ``x.shape[i]`` or ``x.size(i)``, else None."""
+    if not isinstance(a, fx.Node):
+        return None
     if a.op == "call_method" and a.target == "size" and len(a.args) == 2:
-        return True
+        return a.args[0], a.args[1]
     if a.op == "call_function" and a.target is operator.getitem and isinstance(a.args[0], fx.Node):
         s = a.args[0]
-        return (s.op == "call_function" and s.target is getattr and s.args[1] == "shape") or (
-            s.op == "call_method" and s.target == "size" and len(s.args) == 1)
-    return False
+        if (s.op == "call_function" and s.target is getattr and s.args[1] == "shape") or (
+                s.op == "call_method" and s.target == "size" and len(s.args) == 1):
+            return s.args[0], a.args[1]
+    return None
 
 
 def _same_layout(store: Any, a: Any, b: Any) -> bool:
-    f = store.find
-    return store.expand(a) == store.expand(b) or \
-        tuple(tuple(f(x) for x in blk) for blk in store.expand(a)) == tuple(tuple(f(x) for x in blk) for blk in store.expand(b))
+    """Two layouts hold the same channels in the same order (compared by axis class)."""
+    def roots(lay: Any) -> tuple:
+        return tuple(tuple(store.find(x) for x in blk) for blk in store.expand(lay))
+    return roots(a) == roots(b)
 
 
 def _read_from_channels(a: Any) -> bool:
@@ -224,19 +226,10 @@ def _read_from_channels(a: Any) -> bool:
 
 def _source_layout(a: Any) -> Any:
     """The channel layout of the dim ``a`` reads when it is ``x.shape[i]`` / ``x.size(i)``."""
-    if not isinstance(a, fx.Node):
+    read = _shape_read(a)
+    if read is None or not isinstance(read[0], fx.Node) or not isinstance(read[1], int):
         return None
-    src, dim = None, None
-    if a.op == "call_method" and a.target == "size" and len(a.args) == 2:
-        src, dim = a.args[0], a.args[1]
-    elif a.op == "call_function" and a.target is operator.getitem and isinstance(a.args[0], fx.Node):
-        s = a.args[0]
-        if (s.op == "call_function" and s.target is getattr and s.args[1] == "shape") or (
-                s.op == "call_method" and s.target == "size" and len(s.args) == 1):
-            src, dim = s.args[0], a.args[1]
-    if not isinstance(src, fx.Node) or not isinstance(dim, int):
-        return None
-    td = src.meta.get(META_KEY)
+    td, dim = read[0].meta.get(META_KEY), read[1]
     if isinstance(td, TensorDims) and -len(td.dims) <= dim < len(td.dims):
         return td.dims[dim]
     return None
@@ -435,7 +428,6 @@ def split_ragged_sections(rc: RewriteContext, graph: fx.Graph, store: Any) -> No
 
 
 def _split_one(rc: RewriteContext, graph: fx.Graph, store: Any, node: fx.Node, td: TensorDims) -> None:
-    f = store.find
     spos = [k for k, lay in enumerate(td.dims) if _is_section_dim(store, lay)]
     src = node.args[0]
     x = rc.dims(src)

@@ -160,19 +160,18 @@ class InlineTracer(ViTTracer):
 
 
 def _lookup_module(root: torch.nn.Module, target: str) -> torch.nn.Module:
+    """``root.<target>`` for a submodule path, read from the module dicts (``getattr`` is
+    patched while tracing and would record another get_attr)."""
     mod = root
-    for part in target.split("."):
+    for part in target.split(".") if target else ():
         mod = mod._modules[part]
     return mod
 
 
 def _lookup(root: torch.nn.Module, target: str) -> Any:
-    """``root.<target>`` read from the module dicts (``getattr`` is patched while tracing and
-    would record another get_attr)."""
-    *path, name = target.split(".")
-    mod = root
-    for part in path:
-        mod = mod._modules[part]
+    """``root.<target>`` for a parameter, buffer or plain attribute, read from the module dicts."""
+    path, _, name = target.rpartition(".")
+    mod = _lookup_module(root, path)
     for store in (mod._parameters, mod._buffers, mod.__dict__):
         if name in store:
             return store[name]

@@ -159,13 +159,13 @@ def inline_opaque(gm: fx.GraphModule, is_opaque: Callable[[fx.Node], bool]) -> l
         sub = None
         for tracer_cls in (InlineTracer, LooseInlineTracer):
             try:
-                sub, inputs, root = _subtrace(gm, node, tracer_cls)
+                sub, inputs, root, made = _subtrace(gm, node, tracer_cls)
                 break
             except Exception:  # noqa: BLE001 - not traceable even with fixed arguments: stays opaque
                 continue
         if sub is None:
             continue
-        if _splice(gm, node, sub, inputs, root):
+        if _splice(gm, node, sub, inputs, root, made):
             done.append(str(node.target if node.op == "call_module" else getattr(node.target, "__name__", node.target)))
     if done:
         gm.graph.eliminate_dead_code(is_impure_node=keeps_side_effect)
@@ -234,7 +234,7 @@ def _subtrace(gm: fx.GraphModule, node: fx.Node, tracer_cls: type) -> tuple:
     phs = [n for n in graph.nodes if n.op == "placeholder"]
     if len(phs) != len(flat):
         raise ValueError("placeholders do not match the arguments")
-    return graph, dict(zip(phs, flat)), (tracer.root, made)
+    return graph, dict(zip(phs, flat)), tracer.root, made
 
 
 def _meta_pair(v: fx.Node) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -249,10 +249,9 @@ def _meta_pair(v: fx.Node) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     return torch.empty(tm.shape, dtype=tm.dtype, device="meta"), torch.empty(grown, dtype=tm.dtype, device="meta")
 
 
-def _splice(gm: fx.GraphModule, node: fx.Node, sub: fx.Graph, inputs: dict, root_and_made: tuple) -> bool:
+def _splice(gm: fx.GraphModule, node: fx.Node, sub: fx.Graph, inputs: dict, root: nn.Module, made: dict) -> bool:
     """Replace ``node`` by the nodes of ``sub``; ``inputs`` maps sub's placeholders to values;
-    ``root_and_made``: the traced root and the constants tracing stored on it."""
-    root, made = root_and_made
+    ``made``: the constants tracing stored on the traced ``root``."""
     out_node = next(n for n in sub.nodes if n.op == "output")
     result = out_node.args[0]
     info = getattr(sub._codegen, "pytree_info", None)

@@ -348,6 +348,11 @@ def repeat_interleave_rule(ctx: RuleContext, node: fx.Node) -> Any:
     return td.with_dims(dims, shp)
 
 
+# origin of the axes reshape_dims makes for a dim without channels (batch, tokens) merged into a
+# channel dim; the slim pass finds them by it to keep such sizes dynamic
+STAND_IN = "dimension without channels merged into channels"
+
+
 @register_rule("reshape", "view", torch.reshape, "flatten", torch.flatten, "unflatten", torch.unflatten, nn.Flatten, nn.Unflatten,
                "reshape_as", "view_as")
 def reshape_rule(ctx: RuleContext, node: fx.Node) -> Any:
@@ -387,7 +392,7 @@ def reshape_dims(ctx: RuleContext, td: TensorDims, out_shape: Sequence[int], rul
         factors, spatial = [], set()
         for (s, _), lay in zip((ins[k] for k in a), in_lays):
             if lay is None:
-                f = store.new(s, "dimension without channels merged into channels")
+                f = store.new(s, STAND_IN)
                 spatial.add(f)
                 factors.append(f)
             elif len(lay) == 1:
@@ -397,7 +402,7 @@ def reshape_dims(ctx: RuleContext, td: TensorDims, out_shape: Sequence[int], rul
                 store.define(z, lay, ctx.why(rule))
                 factors.append(z)
         for f in spatial:
-            store.freeze(single(f), ctx.why(rule, "dimension without channels merged into channels"))
+            store.freeze(single(f), ctx.why(rule, STAND_IN))
         groups = split_factors(ctx, factors, sizes, rule)
         for k, g in zip(b, groups):
             if g is None or all(f in spatial for f in g):

@@ -165,7 +165,6 @@ def _probe_batch_values(gm: fx.GraphModule, example_inputs: Sequence[torch.Tenso
     """Drop the recorded values that change with the batch size: only values that are the same
     at batch n and n + 1 (spatial sizes, window shapes) may be fixed when inlining."""
     first = {n: n.meta[VALUE_KEY] for n in gm.graph.nodes if VALUE_KEY in n.meta}
-    shapes = [n for n in gm.graph.nodes if hasattr(n.meta.get("tensor_meta"), "shape")]
     grown = [torch.cat([t, t[:1]]) if t.dim() > 0 else t for t in example_inputs]
     try:
         with torch.no_grad():
@@ -175,7 +174,7 @@ def _probe_batch_values(gm: fx.GraphModule, example_inputs: Sequence[torch.Tenso
             n.meta.pop(VALUE_KEY, None)
         return False
     stable = {n for n, v in first.items() if n.meta.get(VALUE_KEY) == v}
-    for n in shapes:
+    for n in gm.graph.nodes:  # tensor shapes at the grown batch, before they are put back
         s1 = getattr(n.meta.get("tensor_meta"), "shape", None)
         if s1 is not None:
             n.meta[GROWN_SHAPE_KEY] = tuple(s1)
