@@ -31,10 +31,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from torch.utils.flop_counter import FlopCounterMode
 
 from vitgraph.context import META_KEY, TensorDims
 from vitgraph.errors import PlanError
+from vitgraph.flops import FlopCounter
 from vitgraph.passes.scoring_common import cycle, default_loss, split_batch
 from vitgraph.plan import Plan
 from vitgraph.selection import layout_coords
@@ -274,15 +274,14 @@ def _is_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _node_flops(gm: fx.GraphModule, example: Sequence[torch.Tensor]) -> dict[str, int]:
-    """FLOPs of every node on ``example`` (FlopCounterMode's count: 2 per multiply-add)."""
+    """FLOPs of every node on ``example`` (vitgraph's convention: 2 per multiply-add)."""
     out: dict[str, int] = {}
 
     class Counter(fx.Interpreter):
         def run_node(self, n: fx.Node) -> Any:
-            counter = FlopCounterMode(display=False)
-            with counter:
+            with FlopCounter() as counter:
                 res = super().run_node(n)
-            out[n.name] = int(counter.get_total_flops())
+            out[n.name] = counter.total
             return res
 
     was = gm.training

@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from vitgraph import export as export_mod
 from vitgraph.export import ExportError, export_onnx, onnx_op_types
@@ -142,6 +143,41 @@ def test_count_flops_attention_fused_and_unfused(vit, image):
     without_attention = count_flops(nn.Sequential(vit.patch_embed), image)
     assert fused > attn + without_attention
     assert count_flops(tiny_vit(embed_dim=64), image) > count_flops(tiny_vit(embed_dim=32), image)
+
+
+class _Convention(nn.Module):
+    """A linear, a strided conv, a transposed conv and attention with q/k and v of different widths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(12, 20)
+        self.conv = nn.Conv2d(4, 6, 3, stride=2, groups=2)
+        self.up = nn.ConvTranspose2d(6, 4, 2, stride=2)
+
+    def forward(self, x, img, q, k, v):
+        return self.fc(x), self.up(self.conv(img)), F.scaled_dot_product_attention(q, k, v)
+
+
+def test_count_flops_follows_the_documented_convention():
+    """2 FLOPs per multiply-add of contractions only, the same for every attention kernel."""
+    m = _Convention()
+    x, img = torch.randn(5, 3, 12), torch.randn(2, 4, 9, 9)
+    q, k, v = torch.randn(2, 3, 7, 16), torch.randn(2, 3, 11, 16), torch.randn(2, 3, 11, 24)
+    conv_out = 2 * 6 * 4 * 4  # (B, C, 4, 4) at stride 2 on 9x9 with a 3x3 kernel
+    expected = (2 * 5 * 3 * 12 * 20            # linear: 2 * rows * in * out, bias not counted
+                + 2 * conv_out * (4 // 2) * 9  # conv: 2 * prod(out) * in/groups * kernel
+                + 2 * conv_out * 4 * 4         # transposed conv: 2 * prod(in) * out * kernel
+                + 2 * 2 * 3 * 7 * 11 * 16      # q @ k^T
+                + 2 * 2 * 3 * 7 * 11 * 24)     # attn @ v
+    assert count_flops(m, (x, img, q, k, v)) == expected
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # the fused CPU kernel needs equal q/k and v widths; the math path decomposes into bmm
+    v16 = v[..., :16]
+    same_width = expected - 2 * 2 * 3 * 7 * 11 * 8
+    for backend in (SDPBackend.MATH, SDPBackend.FLASH_ATTENTION):
+        with sdpa_kernel(backend):
+            assert count_flops(m, (x, img, q, k, v16)) == same_width, backend
 
 
 def test_measure_latency_interleaved(vit, image, tmp_path):

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+
+from .flops import FlopCounter
 
 __all__ = [
     "LatencyStats",
@@ -45,28 +46,17 @@ def count_params(module: nn.Module) -> int:
 
 
 def count_flops(module: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor) -> int:
-    """FLOPs of one forward pass at ``example_inputs``, as counted by FlopCounterMode.
+    """FLOPs of one forward pass at ``example_inputs`` by vitgraph's convention (``vitgraph.flops``).
 
-    FlopCounterMode counts one multiply-add as 2 FLOPs, so FLOPs = 2 * MACs: a Linear(i, o) on a
-    (n, i) input is 2*n*i*o. Counted ops are matmul/mm/bmm/addmm/baddbmm, convolutions and the
-    fused scaled_dot_product_attention kernels (q@k^T and attn@v, 2*B*H*N*N*d each); element-wise
-    ops, softmax and normalisation are not counted.
+    One multiply-add is 2 FLOPs, so FLOPs = 2 * MACs: a Linear(i, o) on a (n, i) input is 2*n*i*o.
+    Counted ops are matmuls, convolutions and attention (q@k^T and attn@v, 2*B*H*N*N*d each, fused
+    or not); element-wise ops, softmax and normalisation are not counted. The count is the same on
+    every supported torch release.
     """
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    counter = FlopCounterMode(display=False)
-    # FlopCounterMode's module tracker hooks tensors that require grad; a parameter handed
-    # straight to a submodule (a class token, a bias table) trips it under no_grad, so
-    # parameters stop requiring grad while counting.
-    params = [p for p in module.parameters() if p.requires_grad]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        with torch.no_grad(), counter:
-            module(*inputs)
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-    return int(counter.get_total_flops())
+    with torch.no_grad(), FlopCounter() as counter:
+        module(*inputs)
+    return counter.total
 
 
 # ----------------------------------------------------------------------------- latency

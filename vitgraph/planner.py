@@ -74,9 +74,10 @@ class CostModel:
     """FLOPs, parameters and (with a table) latency of an analysed model at any kept widths.
 
     Widths are a mapping group id -> kept count (heads for ``head`` groups, per-head dims for
-    ``qk``/``v``, channels otherwise); groups not listed keep everything.  FLOPs follow
-    ``measure.count_flops`` (2 per multiply-add of matmuls, linears, convolutions and attention)
-    at the analysis' input shapes; parameters follow ``measure.count_params``.
+    ``qk``/``v``, channels otherwise); groups not listed keep everything.  FLOPs follow the
+    convention of ``vitgraph.flops`` (2 per multiply-add of matmuls, linears, convolutions and
+    attention; the same on every torch release), as ``measure.count_flops`` counts it, at the
+    analysis' input shapes; parameters follow ``measure.count_params``.
     """
 
     def __init__(self, analysis: "Analysis") -> None:
