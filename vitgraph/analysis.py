@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import networkx as nx
 import torch
@@ -275,6 +275,55 @@ def _common_prefix(paths: Iterable[str]) -> str:
     return ".".join(out)
 
 
+def _trim(owners: list[str]) -> str:
+    """The module a set of parameter owners lives in: their common prefix, or the parent of a
+    single owner (``blocks.0.attn.qkv`` -> ``blocks.0.attn``) unless that owner is a numbered one."""
+    prefix = _common_prefix(owners)
+    if all(o == prefix for o in owners) and not prefix.rpartition(".")[2].isdigit():
+        prefix = prefix.rpartition(".")[0]
+    return prefix
+
+
+def _location(params: Sequence[tuple[str, int]], shapes: Mapping[str, TensorDims]) -> str:
+    """Where a group lives: the module its parameters share, else the modules that produce it.
+
+    A group with root parameters (class token, position embedding) is the model's own stream and
+    gets no location. When the parameters share no module, or only a container of numbered blocks
+    (a stage's stream feeding the next stage, attention shared across blocks), the producers place
+    it: dim 0 of a matrix or conv weight (an input dim only consumes the group). If they too share
+    no module, every branch is named: ``crpe1.conv_list+serial_blocks1``.
+    """
+    owners = list(dict.fromkeys(_owner(p) for p, _ in params))
+    if not owners or "" in owners:
+        return ""
+    where = _shared_module(owners)
+    if where:
+        return where
+    producers = list(dict.fromkeys(_owner(p) for p, d in params if d == 0 and len(shapes[p].shape) >= 2))
+    where = _shared_module(producers) if producers else None
+    if where:
+        return where
+    members = producers or owners
+    depth = len(_common_prefix(members).split(".")) + 1 if _common_prefix(members) else 1
+    branches: dict[str, list[str]] = {}
+    for o in members:
+        branches.setdefault(".".join(o.split(".")[:depth]), []).append(o)
+    return "+".join(_trim(b) for b in branches.values())
+
+
+def _shared_module(owners: list[str]) -> Optional[str]:
+    """The owners' common module, or None when that names no place: the root, or a container
+    (no numbered segment) whose members here are numbered blocks."""
+    prefix = _trim(owners)
+    if not prefix:
+        return None
+    segs = prefix.split(".")
+    below = {o.split(".")[len(segs)] for o in owners if o.count(".") >= len(segs)}
+    if any(s.isdigit() for s in segs) or not below or not all(n.isdigit() for n in below):
+        return prefix
+    return None
+
+
 def _build_groups(an: Analysis) -> None:
     store = an.store
     _propagate(store)
@@ -324,11 +373,8 @@ def _build_groups(an: Analysis) -> None:
     ids: dict[str, int] = {}
     named: dict[int, str] = {}
     for a, kind, params, nodes in raw:
-        owners = [_owner(p) for p, _ in params]
-        prefix = _common_prefix(owners)
-        if owners and all(o == prefix for o in owners):
-            prefix = prefix.rpartition(".")[0]
-        base = f"{prefix}:{kind}" if prefix else kind
+        where = _location(params, an.params)
+        base = f"{where}:{kind}" if where else kind
         n = ids.get(base, 0)
         ids[base] = n + 1
         named[a] = base if n == 0 else f"{base}.{n}"
