@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
@@ -14,7 +15,7 @@ from torch import nn
 from . import rules_nn  # noqa: F401  (registers the layer rules)
 from .axes import AxisStore, Layout
 from .context import META_KEY, RuleContext, TensorDims
-from .errors import AnalysisError
+from .errors import AnalysisError, TraceError
 from .rules import get_attr_dims, lookup_rule, no_rule, output_dims, placeholder_dims
 from .trace import trace
 
@@ -183,14 +184,30 @@ def fingerprint(gm: fx.GraphModule) -> str:
 
 
 def as_inputs(example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]]) -> tuple[torch.Tensor, ...]:
-    """Normalise example inputs to a tuple."""
+    """Normalise example inputs to a tuple of tensors (:class:`TraceError` naming the bad one)."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
+    if not isinstance(example_inputs, (list, tuple)):
+        raise TraceError(f"example_inputs must be a tensor or a list/tuple of tensors, got {type(example_inputs).__name__}")
+    if not example_inputs:
+        raise TraceError("example_inputs is empty: give the model's input tensors")
+    for i, t in enumerate(example_inputs):
+        if not isinstance(t, torch.Tensor):
+            raise TraceError(f"example_inputs[{i}] must be a tensor, got {type(t).__name__}")
     return tuple(example_inputs)
+
+
+def check_model(model: Any) -> None:
+    """:class:`TraceError` unless ``model`` is an ``nn.Module`` (vitgraph traces modules)."""
+    if not isinstance(model, nn.Module):
+        what = f" {model.__qualname__!r}" if callable(model) and hasattr(model, "__qualname__") else ""
+        raise TraceError(f"model must be a torch.nn.Module, got {type(model).__name__}{what} "
+                         "(wrap a function in an nn.Module whose forward calls it)")
 
 
 def analyze(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]]) -> Analysis:
     """Trace ``model`` on ``example_inputs`` and find its coupled channel groups."""
+    check_model(model)
     inputs = as_inputs(example_inputs)
     gm = trace(model, inputs)
     store = AxisStore()
@@ -279,20 +296,21 @@ def _trim(owners: list[str]) -> str:
     """The module a set of parameter owners lives in: their common prefix, or the parent of a
     single owner (``blocks.0.attn.qkv`` -> ``blocks.0.attn``) unless that owner is a numbered one."""
     prefix = _common_prefix(owners)
-    if all(o == prefix for o in owners) and not prefix.rpartition(".")[2].isdigit():
+    if all(o == prefix for o in owners) and "." in prefix and not prefix.rpartition(".")[2].isdigit():
         prefix = prefix.rpartition(".")[0]
     return prefix
 
 
-def _location(params: Sequence[tuple[str, int]], shapes: Mapping[str, TensorDims]) -> str:
+def _location(params: Sequence[tuple[str, int]], shapes: Mapping[str, TensorDims], state: set[str]) -> str:
     """Where a group lives: the module its parameters share, else the modules that produce it.
 
     A group with root parameters (class token, position embedding) is the model's own stream and
-    gets no location. When the parameters share no module, or only a container of numbered blocks
-    (a stage's stream feeding the next stage, attention shared across blocks), the producers place
-    it: dim 0 of a matrix or conv weight (an input dim only consumes the group). If they too share
+    gets no location; constants that tracing made (a rotary table) place nothing. When the
+    parameters share no module, or only a container of numbered blocks (a stage's stream feeding
+    the next stage, attention shared across blocks), the producers place it: dim 0 of a matrix or conv weight (an input dim only consumes the group). If they too share
     no module, every branch is named: ``crpe1.conv_list+serial_blocks1``.
     """
+    params = [(p, d) for p, d in params if p in state] or list(params)
     owners = list(dict.fromkeys(_owner(p) for p, _ in params))
     if not owners or "" in owners:
         return ""
@@ -370,10 +388,13 @@ def _build_groups(an: Analysis) -> None:
         kind = _kind(store.roles.get(a, set()))
         raw.append((a, kind, params, nodes))
     heads = {a for a, k, _, _ in raw if k == "head"}
+    # the user's own parameters and buffers (the graph module also holds constants tracing made)
+    model = an.model if an.model is not None else gm
+    state = {n for n, _ in itertools.chain(model.named_parameters(), model.named_buffers())}
     ids: dict[str, int] = {}
     named: dict[int, str] = {}
     for a, kind, params, nodes in raw:
-        where = _location(params, an.params)
+        where = _location(params, an.params, state)
         base = f"{where}:{kind}" if where else kind
         n = ids.get(base, 0)
         ids[base] = n + 1
