@@ -19,3 +19,7 @@ class PlanError(VitgraphError, ValueError):
 
 class ExportError(VitgraphError, RuntimeError):
     """ONNX export failed, or its output does not match torch."""
+
+
+class ScoreError(VitgraphError, ValueError):
+    """Scoring was asked for something it cannot do (no data, an unknown method or group)."""

@@ -16,6 +16,9 @@ if TYPE_CHECKING:
 
 Keep = Union[list[int], list[list[int]]]
 DEFAULT_KINDS = ("residual", "head", "qk", "v", "ffn")
+ALL_KINDS = DEFAULT_KINDS + ("other",)
+PLAN_VERSION = 1  # the "vitgraph_plan" field of the JSON form; newer versions are refused
+_FIELDS = ("vitgraph_plan", "fingerprint", "input_shapes", "input_dtypes", "kept")
 
 
 @dataclass
@@ -37,13 +40,18 @@ class Plan:
     @classmethod
     def keep_all(cls, analysis: "Analysis") -> "Plan":
         """The identity plan: every group keeps every channel."""
+        _check_analysis(analysis)
         return cls(analysis.fingerprint, [list(s) for s in analysis.input_shapes], list(analysis.input_dtypes), {}, analysis)
 
     def keep(self, group_id: str, indices: Union[Sequence[int], Sequence[Sequence[int]], torch.Tensor, np.ndarray]) -> "Plan":
         """Set the kept indices of one group (validated now if the plan knows its analysis)."""
-        raw = indices.tolist() if isinstance(indices, (torch.Tensor, np.ndarray)) else list(indices)
-        nested = bool(raw) and not isinstance(raw[0], (int, np.integer))
-        keep: Keep = [[int(i) for i in row] for row in raw] if nested else [int(i) for i in raw]
+        if not isinstance(group_id, str):
+            raise PlanError(f"group id must be a string, got {type(group_id).__name__} {group_id!r}")
+        if not isinstance(indices, (list, tuple, range, torch.Tensor, np.ndarray)):
+            raise PlanError(f"group {group_id!r}: indices must be a list of integers (or one list per head), "
+                            f"got {type(indices).__name__}")
+        keep = _plain(indices)
+        _check_structure(group_id, keep)
         if self.analysis is not None:
             if group_id not in _ids(self.analysis):
                 _unknown(group_id)
@@ -61,10 +69,12 @@ class Plan:
         Per-head ``qk``/``v`` groups get a different random set per head when ``per_head``.  Used
         to check that any keep-set compresses correctly, not to prune well.
         """
-        if not 0.0 <= ratio < 1.0:
-            raise PlanError(f"ratio must be in [0, 1), got {ratio}")
-        kinds = tuple(kinds) if kinds is not None else DEFAULT_KINDS + ("other",)
-        gen = np.random.default_rng(seed)
+        _check_analysis(analysis)
+        _check_ratio(ratio)
+        kinds = _check_kinds(kinds, DEFAULT_KINDS + ("other",))
+        if not _is_int(seed):
+            raise PlanError(f"seed must be an integer, got {type(seed).__name__} {seed!r}")
+        gen = np.random.default_rng(int(seed))
         plan = cls.keep_all(analysis)
         for g in analysis.groups:
             if g.kind not in kinds:
@@ -95,17 +105,32 @@ class Plan:
         ``ratio=None`` takes each group's kept count from ``scores.keep`` (scores from a method
         that learns widths, such as ``vitgraph.score(..., "threshold")``).
         """
+        _check_analysis(analysis)
+        if scores is not None and not isinstance(scores, Mapping):
+            raise PlanError(f"scores must map group ids to score tensors, got {type(scores).__name__}")
         learned = getattr(scores, "keep", None) if ratio is None else None
         if ratio is None and not learned:
             raise PlanError("ratio=None needs scores that carry learned widths (scores.keep)")
-        if ratio is not None and not 0.0 <= ratio < 1.0:
-            raise PlanError(f"ratio must be in [0, 1), got {ratio}")
+        if ratio is not None:
+            _check_ratio(ratio)
+        for name, v in (("round_to", round_to), ("min_keep", min_keep)):
+            if not _is_int(v) or v < 1:
+                raise PlanError(f"{name} must be an integer >= 1, got {type(v).__name__} {v!r}")
+        ids = _ids(analysis)
+        unknown = sorted(str(k) for k in (scores or {}) if k not in ids)
+        if unknown:
+            raise PlanError(f"scores name groups the analysis does not have: {unknown[:5]} "
+                            "(scores made for another model or analysis?)")
         if learned:
-            kinds = tuple(kinds) if kinds is not None else tuple({analysis.group(gid).kind for gid in learned})
-        kinds = tuple(kinds) if kinds is not None else DEFAULT_KINDS
-        bad = [k for k in kinds if k not in ("residual", "head", "qk", "v", "ffn", "other")]
-        if bad:
-            raise PlanError(f"unknown group kinds {bad}")
+            if not isinstance(learned, Mapping):
+                raise PlanError(f"scores.keep must map group ids to kept counts, got {type(learned).__name__}")
+            for gid, k in learned.items():
+                if gid not in ids:
+                    raise PlanError(f"scores.keep names unknown group {gid!r}")
+                if not _is_int(k):
+                    raise PlanError(f"scores.keep[{gid!r}] must be an integer count, got {type(k).__name__} {k!r}")
+            kinds = _check_kinds(kinds, tuple(dict.fromkeys(analysis.group(gid).kind for gid in learned)))
+        kinds = _check_kinds(kinds, DEFAULT_KINDS)
         scores = dict(scores or {})
         missing = [g.id for g in analysis.groups if g.kind in kinds and scores.get(g.id) is None]
         if missing:
@@ -121,14 +146,16 @@ class Plan:
                     continue
                 n = int(min(g.size, max(1, min_keep, learned[g.id])))
             else:
-                n = _target_count(g.size, ratio, 1 if g.kind == "head" else round_to, min_keep)
-            s = torch.as_tensor(scores[g.id], dtype=torch.float64)
+                n = _target_count(g.size, ratio, 1 if g.kind == "head" else int(round_to), int(min_keep))
+            s = _score_tensor(g, scores[g.id], analysis)
             plan.kept[g.id] = _top(s, n, g.per_head)
         return plan
 
     # -- checks -------------------------------------------------------------------------------
     def validate(self, analysis: "Analysis") -> None:
         """Raise :class:`PlanError` unless the plan fits ``analysis`` exactly."""
+        _check_analysis(analysis)
+        self.check_fields()
         if self.fingerprint != analysis.fingerprint:
             raise PlanError(
                 f"plan was made for architecture {self.fingerprint} but the model is {analysis.fingerprint} "
@@ -139,6 +166,31 @@ class Plan:
             if gid not in ids:
                 _unknown(gid)
             _validate_entry(analysis.group(gid), keep, analysis)
+
+    def check_fields(self) -> None:
+        """Raise :class:`PlanError` unless every field has the right type and form (no analysis
+        needed: index ranges are checked by :meth:`validate`)."""
+        if not isinstance(self.fingerprint, str):
+            raise PlanError(f"plan field 'fingerprint' must be a string, got {type(self.fingerprint).__name__}")
+        shapes, dtypes = self.input_shapes, self.input_dtypes
+        if not isinstance(shapes, (list, tuple)) or not shapes:
+            raise PlanError(f"plan field 'input_shapes' must be a non-empty list of shapes, got {shapes!r:.80}")
+        for i, sh in enumerate(shapes):
+            if not isinstance(sh, (list, tuple)) or not all(_is_int(d) and d >= 0 for d in sh):
+                raise PlanError(f"plan field 'input_shapes'[{i}] must be a list of non-negative integers, got {sh!r:.80}")
+        if not isinstance(dtypes, (list, tuple)) or not all(isinstance(d, str) for d in dtypes):
+            raise PlanError(f"plan field 'input_dtypes' must be a list of dtype names, got {dtypes!r:.80}")
+        if len(dtypes) != len(shapes):
+            raise PlanError(f"plan field 'input_dtypes' names {len(dtypes)} dtypes for {len(shapes)} input_shapes")
+        for d in dtypes:
+            if not isinstance(getattr(torch, d, None), torch.dtype):
+                raise PlanError(f"plan field 'input_dtypes' names unknown dtype {d!r}")
+        if not isinstance(self.kept, dict):
+            raise PlanError(f"plan field 'kept' must map group ids to kept indices, got {type(self.kept).__name__}")
+        for gid, keep in self.kept.items():
+            if not isinstance(gid, str):
+                raise PlanError(f"plan field 'kept': group ids must be strings, got {gid!r}")
+            _check_structure(gid, keep)
 
     def selection(self, analysis: "Analysis") -> Selection:
         """Resolve the plan to keep masks over the analysis' axes."""
@@ -163,19 +215,39 @@ class Plan:
     def to_json(self, indent: Optional[int] = 1) -> str:
         """JSON text of the plan."""
         return json.dumps(
-            {"vitgraph_plan": 1, "fingerprint": self.fingerprint, "input_shapes": self.input_shapes,
+            {"vitgraph_plan": PLAN_VERSION, "fingerprint": self.fingerprint, "input_shapes": self.input_shapes,
              "input_dtypes": self.input_dtypes, "kept": self.kept},
             indent=indent,
         )
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
-        """Plan from :meth:`to_json` text."""
+        """Plan from :meth:`to_json` text (every field checked; index ranges at :meth:`validate`)."""
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise PlanError(f"not a vitgraph plan: expected JSON text, got {type(text).__name__}")
         try:
             d = json.loads(text)
-            return cls(d["fingerprint"], d["input_shapes"], d.get("input_dtypes", ["float32"]), d["kept"])
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise PlanError(f"not a vitgraph plan: {e}") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PlanError(f"not a vitgraph plan: invalid JSON: {e}") from e
+        if not isinstance(d, dict):
+            raise PlanError(f"not a vitgraph plan: expected a JSON object, got {type(d).__name__}")
+        if "vitgraph_plan" not in d:
+            raise PlanError("not a vitgraph plan: missing field 'vitgraph_plan' (the format version)")
+        version = d["vitgraph_plan"]
+        if not _is_int(version) or version < 1:
+            raise PlanError(f"not a vitgraph plan: field 'vitgraph_plan' must be a format version number, got {version!r}")
+        if version > PLAN_VERSION:
+            raise PlanError(f"plan format version {version} (field 'vitgraph_plan') is newer than this vitgraph reads "
+                            f"(up to {PLAN_VERSION}): upgrade vitgraph")
+        missing = [k for k in ("fingerprint", "input_shapes", "kept") if k not in d]
+        if missing:
+            raise PlanError(f"not a vitgraph plan: missing field(s) {missing}")
+        extra = sorted(set(d) - set(_FIELDS))
+        if extra:
+            raise PlanError(f"not a vitgraph plan: unknown field(s) {extra}")
+        plan = cls(d["fingerprint"], d["input_shapes"], d.get("input_dtypes", ["float32"] * _len(d["input_shapes"])), d["kept"])
+        plan.check_fields()
+        return plan
 
     def summary(self, analysis: "Analysis") -> str:
         """One line per changed group: id, kind, kept/total."""
@@ -212,9 +284,91 @@ def _top(scores: torch.Tensor, n: int, per_head: bool) -> Keep:
     return sorted(torch.topk(scores, n).indices.tolist())
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _len(v: Any) -> int:
+    return len(v) if isinstance(v, (list, tuple)) else 1
+
+
+def _plain(x: Any) -> Any:
+    """Tensors, arrays, tuples and numpy integers as plain lists and ints (anything else as is)."""
+    if isinstance(x, (torch.Tensor, np.ndarray)):
+        x = x.tolist()
+    if isinstance(x, (list, tuple, range)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.integer):
+        return int(x)
+    return x
+
+
+def _check_analysis(analysis: Any) -> None:
+    from .analysis import Analysis
+
+    if not isinstance(analysis, Analysis):
+        raise PlanError(f"expected a vitgraph.Analysis (from vitgraph.analyze), got {type(analysis).__name__}")
+
+
+def _check_ratio(ratio: Any) -> None:
+    if not isinstance(ratio, (int, float, np.floating, np.integer)) or isinstance(ratio, (bool, np.bool_)):
+        raise PlanError(f"ratio must be a number in [0, 1), got {type(ratio).__name__} {ratio!r}")
+    if not 0.0 <= float(ratio) < 1.0:
+        raise PlanError(f"ratio must be in [0, 1), got {ratio}")
+
+
+def _check_kinds(kinds: Any, default: tuple[str, ...]) -> tuple[str, ...]:
+    if kinds is None:
+        return default
+    if isinstance(kinds, str):  # one kind
+        kinds = (kinds,)
+    try:
+        kinds = tuple(kinds)
+    except TypeError:
+        raise PlanError(f"kinds must be a list of group kinds, got {type(kinds).__name__}") from None
+    bad = [k for k in kinds if k not in ALL_KINDS]
+    if bad:
+        raise PlanError(f"unknown group kinds {bad}; expected some of {list(ALL_KINDS)}")
+    return kinds
+
+
+def _score_tensor(g: "ChannelGroup", v: Any, analysis: "Analysis") -> torch.Tensor:
+    """The scores of one group as a float64 tensor of a shape that fits it, all finite."""
+    try:
+        s = torch.as_tensor(_plain(v) if not isinstance(v, torch.Tensor) else v.detach(), dtype=torch.float64).cpu()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise PlanError(f"group {g.id!r}: scores must be numbers, got {type(v).__name__}: {e}") from e
+    heads = analysis.group(g.head_group).size if g.head_group else None
+    ok = s.shape == (g.size,) or (
+        s.dim() == 2 and g.kind in ("qk", "v") and s.shape[1] == g.size and s.shape[0] >= 1
+        and (heads is None or s.shape[0] == heads))
+    if not ok:
+        want = f"({g.size},)" + (f" or ({heads}, {g.size})" if heads else "")
+        raise PlanError(f"group {g.id!r}: scores have shape {tuple(s.shape)}, expected {want}")
+    if not bool(torch.isfinite(s).all()):
+        bad = int((~torch.isfinite(s)).sum())
+        raise PlanError(f"group {g.id!r}: {bad} of {s.numel()} scores are NaN or infinite")
+    return s
+
+
+def _check_structure(gid: str, keep: Any) -> None:
+    """A keep-set's form: a list of integers, or a list of per-head lists of integers."""
+    if not isinstance(keep, list):
+        raise PlanError(f"group {gid!r}: kept indices must be a list of integers (or one list per head), "
+                        f"got {type(keep).__name__}")
+    if not keep:
+        raise PlanError(f"group {gid!r}: empty keep-set (a group must keep at least one unit)")
+    nested = [isinstance(r, list) for r in keep]
+    if any(nested) and not all(nested):
+        raise PlanError(f"group {gid!r}: kept indices mix integers and per-head lists")
+    for row in keep if all(nested) else [keep]:
+        bad = [i for i in row if not _is_int(i)]
+        if bad:
+            raise PlanError(f"group {gid!r}: indices must be integers, got {bad[0]!r} ({type(bad[0]).__name__})")
+
+
 def _validate_entry(g: "ChannelGroup", keep: Keep, analysis: "Analysis") -> None:
-    if not isinstance(keep, list) or not keep:
-        raise PlanError(f"group {g.id!r}: empty keep-set (a group must keep at least one unit)")
+    _check_structure(g.id, keep)
     rows = keep if isinstance(keep[0], list) else None
     if rows is not None:
         if g.kind not in ("qk", "v"):
@@ -229,8 +383,6 @@ def _validate_entry(g: "ChannelGroup", keep: Keep, analysis: "Analysis") -> None
     for row in rows or [keep]:
         if not row:
             raise PlanError(f"group {g.id!r}: empty keep-set (a group must keep at least one unit)")
-        if any(not isinstance(i, int) for i in row):
-            raise PlanError(f"group {g.id!r}: indices must be integers")
         if any(i < 0 or i >= g.size for i in row):
             raise PlanError(f"group {g.id!r}: index out of range 0..{g.size - 1}: {[i for i in row if i < 0 or i >= g.size][:5]}")
         if len(set(row)) != len(row):

@@ -9,12 +9,13 @@ for per-head q/k and v groups, ``[heads]`` for head groups), higher meaning keep
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import torch
 from torch import nn
 
 from .analysis import Analysis
+from .errors import ScoreError
 
 log = logging.getLogger("vitgraph.score")
 
@@ -56,34 +57,83 @@ def score(
     ``data`` yields ``(inputs, targets)`` batches; ``loss_fn(output, targets)`` defaults to
     cross-entropy.  Under torchrun the batches are split over ranks and scores summed.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown score method {method!r}; choose one of {METHODS}")
+    if not isinstance(model, nn.Module):
+        raise ScoreError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(analysis, Analysis):
+        raise ScoreError(f"analysis must be a vitgraph.Analysis (from vitgraph.analyze), got {type(analysis).__name__}")
+    if not isinstance(method, str) or method not in METHODS:
+        raise ScoreError(f"unknown score method {method!r}; choose one of {METHODS}")
     if analysis.model is not None and analysis.model is not model:
-        raise ValueError("the analysis belongs to a different model: analyze this model first")
-    if method != "magnitude" and data is None:
-        raise ValueError(f"score method {method!r} needs data: an iterable of (inputs, targets) batches")
+        raise ScoreError("the analysis belongs to a different model: analyze this model first")
+    if loss_fn is not None and not callable(loss_fn):
+        raise ScoreError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if method == "magnitude":
         from vitgraph.passes.magnitude import magnitude_scores
 
         _no_options(method, options, {"group_ids"})
-        return Scores(magnitude_scores(analysis, options.get("group_ids")), method)
+        ids = options.get("group_ids")
+        if ids is not None:
+            ids = [ids] if isinstance(ids, str) else list(ids)
+            known = {g.id for g in analysis.groups}
+            unknown = [i for i in ids if i not in known]
+            if unknown:
+                raise ScoreError(f"group_ids names groups the analysis does not have: {unknown[:5]}")
+        return Scores(magnitude_scores(analysis, ids), method)
+    if data is None:
+        raise ScoreError(f"score method {method!r} needs data: an iterable of (inputs, targets) batches")
+    mb = options.get("max_batches")
+    if method in ("hessian", "kl") and mb is not None and (isinstance(mb, bool) or not isinstance(mb, int) or mb < 1):
+        raise ScoreError(f"score method {method!r}: max_batches must be an integer >= 1 (or None for all), got {mb!r}")
+    if not (method == "threshold" and options.get("steps") == 0):  # (0 steps: the initial scores, no data read)
+        data = _batches(method, data)
     if method == "hessian":
         from vitgraph.passes.hessian import hessian_scores
 
-        return Scores(hessian_scores(analysis, data, loss_fn, **options), method)
-    if method == "kl":
+        out = Scores(hessian_scores(analysis, data, loss_fn, **options), method)
+    elif method == "kl":
         from vitgraph.passes.kl import kl_scores
 
         if loss_fn is not None:
-            raise ValueError("the kl method compares output distributions and takes no loss_fn")
-        return Scores(kl_scores(analysis, data, **options), method)
-    from vitgraph.passes.threshold import learn_thresholds
+            raise ScoreError("the kl method compares output distributions and takes no loss_fn")
+        out = Scores(kl_scores(analysis, data, **options), method)
+    else:
+        from vitgraph.passes.threshold import learn_thresholds
 
-    res = learn_thresholds(model, analysis, data, loss_fn, **options)
-    return Scores(dict(res.scores), method, keep=dict(res.keep), info={"result": res})
+        res = learn_thresholds(model, analysis, data, loss_fn, **options)
+        out = Scores(dict(res.scores), method, keep=dict(res.keep), info={"result": res})
+    if isinstance(data, _Counted) and data.count == 0:
+        raise ScoreError(f"score method {method!r}: data yielded no batches (scores from no data are meaningless)")
+    return out
+
+
+class _Counted:
+    """An iterable without a length (a generator, a streaming loader), counting the batches it
+    yields over all passes: empty data is only found by reading it."""
+
+    def __init__(self, data: Iterable[Any]) -> None:
+        self.data, self.count = data, 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.data:
+            self.count += 1
+            yield batch
+
+
+def _batches(method: str, data: Any) -> Any:
+    """``data`` as given when it has a length (refused if 0), else wrapped to count its batches."""
+    if isinstance(data, (str, bytes)) or not isinstance(data, Iterable):
+        raise ScoreError(f"score method {method!r}: data must be an iterable of (inputs, targets) batches, "
+                         f"got {type(data).__name__}")
+    try:
+        n = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return _Counted(data)
+    if n == 0:
+        raise ScoreError(f"score method {method!r}: data is empty (no batches to score on)")
+    return data
 
 
 def _no_options(method: str, options: dict, allowed: set) -> None:
     bad = sorted(set(options) - allowed)
     if bad:
-        raise ValueError(f"score method {method!r} takes no options {bad}")
+        raise ScoreError(f"score method {method!r} takes no options {bad}")

@@ -1,12 +1,14 @@
 """Tracing a model to a torch.fx GraphModule annotated with tensor shapes."""
 from __future__ import annotations
 
+import contextlib
 import linecache
 import traceback
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.fx as fx
+import torch.fx._symbolic_trace as _fx_trace
 from torch import nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
@@ -26,6 +28,61 @@ def _timm_registries() -> tuple[set[type], set[Callable]]:
 GROWN_SHAPE_KEY = "vitgraph.grown_shape"  # a node's tensor shape at the example batch + 1
 
 
+def assert_is_none(value: Any, msg: str) -> None:
+    """The guard on an argument traced as ``None`` (fx's ``_assert_is_none``), as a leaf that
+    records itself when called on a Proxy, so re-tracing a graph that holds it needs no entry
+    in fx's table of wrapped functions.
+
+    fx's own ``_assert_is_none`` is registered with ``torch.fx.wrap`` and printed in generated
+    code under its dotted name.  Re-tracing such a graph (``torch.load`` of a pickled
+    GraphModule re-traces its code; so does ``symbolic_trace`` of a GraphModule) marks the node
+    ``is_wrapped``, and the recompiled code then runs
+    ``wrap("torch.fx._symbolic_trace._assert_is_none")``: an entry keyed by a dotted name that no
+    globals dict holds, so every later trace in the process fails with a ``KeyError``.
+    """
+    if isinstance(value, fx.Proxy):
+        return value.tracer.create_proxy("call_function", assert_is_none, (value, msg), {})
+    if value is not None:
+        raise AssertionError(msg)
+    return None
+
+
+# torch functions fx wraps that tracing itself puts in graphs, and the leaves that replace them
+_SAFE_LEAVES: dict[Callable, Callable] = {_fx_trace._assert_is_none: assert_is_none}
+
+
+def _use_safe_leaves(graph: fx.Graph) -> None:
+    for n in graph.nodes:
+        if n.op != "call_function":
+            continue
+        for fx_fn, leaf in _SAFE_LEAVES.items():  # (by identity; fx's patched wrapper of it too)
+            if n.target is fx_fn or getattr(n.target, "__wrapped__", None) is fx_fn:
+                n.target = leaf
+                n.meta.pop("is_wrapped", None)
+
+
+@contextlib.contextmanager
+def _without_dead_wraps() -> Iterator[None]:
+    """Trace with fx's wrapped-function table minus the entries that cannot be patched.
+
+    An entry whose name is neither in its globals nor a builtin makes every trace fail with a
+    ``KeyError`` (see :func:`assert_is_none`; loading a GraphModule pickled by another tool or an
+    older vitgraph adds them).  They are set aside while vitgraph traces and put back after, so
+    fx's table is left as it was found.
+    """
+    import builtins
+
+    table = _fx_trace._wrapped_fns_to_patch
+    dead = {k: d for k, d in list(table.items()) if k[1] not in d and not hasattr(builtins, k[1])}
+    for k in dead:
+        del table[k]
+    try:
+        yield
+    finally:
+        for k, d in dead.items():
+            table.setdefault(k, d)
+
+
 class ViTTracer(fx.Tracer):
     """fx tracer that records which module is being traced, so errors can name it.
 
@@ -39,6 +96,14 @@ class ViTTracer(fx.Tracer):
         self._leaf_types = tuple(leaves)
         self.module_path: list[str] = []
         self.failed_in: Optional[str] = None
+
+    def trace(self, root: Any, concrete_args: Optional[dict[str, Any]] = None) -> fx.Graph:
+        """fx tracing, immune to dead entries in fx's wrapped-function table; fx's own guard
+        functions in the result are replaced by leaves that re-trace safely."""
+        with _without_dead_wraps():
+            graph = super().trace(root, concrete_args)
+        _use_safe_leaves(graph)
+        return graph
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         """Parameters and buffers become get_attr nodes (found by identity in O(1), not by a scan)."""
@@ -147,6 +212,7 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphM
     finally:
         for m, t in was_training.items():
             m.training = t
+    gm.training = model.training  # (GraphModule copied the flag while the model was in eval mode)
     return gm
 
 
@@ -158,7 +224,9 @@ def _propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]
             try:
                 RealShapeProp(gm).run(*example_inputs)
             except Exception as e:  # noqa: BLE001
-                raise TraceError(f"traced graph does not run on the example inputs: {type(e).__name__}: {e}") from e
+                shapes = [list(t.shape) for t in example_inputs]
+                raise TraceError(f"traced graph does not run on the example inputs (shapes {shapes}): "
+                                 f"{type(e).__name__}: {e}") from e
 
 
 def _probe_batch_values(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor]) -> bool:
@@ -195,6 +263,8 @@ def _is_opaque(node: fx.Node) -> bool:
         if type(mod).__module__.startswith("torch."):
             return False
     elif node.op == "call_function":
+        if node.target in _SAFE_LEAVES.values():
+            return False
         mod_name = getattr(node.target, "__module__", None)
         if mod_name in (None, "_operator", "operator", "builtins", "math", "torch") or mod_name.startswith("torch."):
             return False  # (torchvision's wrapped functions are not torch's own: they may be inlined)
