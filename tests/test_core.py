@@ -184,3 +184,26 @@ def test_distilled_deit(x32):
     assert "dist_token" in {p for p, _ in an.group("residual").params}
     plan = random_plan(an, ("qk", "v", "head", "ffn"))
     assert rel_err(vitgraph.compress(m, plan)(x32), vitgraph.mask(m, plan)(x32)) <= 1e-5
+
+
+def test_feature_output_protected_unless_prune_outputs(x32):
+    """A feature extractor (no classifier) returns the residual stream: frozen by default, prunable
+    with prune_outputs=True, and then equal to the narrower feature extractor; the flag survives JSON."""
+    m = tiny_vit(num_classes=0)
+    assert "residual" not in {g.kind for g in vitgraph.analyze(m, x32[:1]).groups}
+    an = vitgraph.analyze(m, x32[:1], prune_outputs=True)
+    R, D, F = list(range(1, 48, 2)), list(range(0, 16, 2)), list(range(0, 96, 2))
+    plan = vitgraph.Plan.keep_all(an).keep("residual", R)
+    for b in range(2):
+        plan.keep(f"blocks.{b}.attn:qk", D).keep(f"blocks.{b}.attn:v", D).keep(f"blocks.{b}.mlp:ffn", F)
+    plan = vitgraph.Plan.from_json(plan.to_json())
+    assert plan.prune_outputs
+    slim = vitgraph.compress(m, plan)
+    narrow = tiny_vit(num_classes=0, embed_dim=24)
+    narrow.load_state_dict(_slice_vit_state(m.state_dict(), R, D, F, 48, 3))
+    for blk in narrow.blocks:  # vitgraph keeps the original attention scale
+        blk.attn.fused_attn, blk.attn.scale = False, 16 ** -0.5
+    assert slim(x32).shape == (x32.shape[0], 24)
+    assert rel_err(slim(x32), narrow(x32)) <= 1e-5
+    with pytest.raises(vitgraph.PlanError, match="prune_outputs"):
+        vitgraph.Plan.from_json(plan.to_json().replace("true", '"yes"'))

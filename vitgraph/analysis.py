@@ -72,6 +72,7 @@ class Analysis:
         self.input_shapes = [list(t.shape) for t in inputs]
         self.input_dtypes = [str(t.dtype).replace("torch.", "") for t in inputs]
         self.fingerprint = fingerprint(gm)
+        self.prune_outputs = not ctx.protect_outputs
         self._model = weakref.ref(model)
         self.groups: list[ChannelGroup] = []
         self.frozen: list[FrozenChannels] = []
@@ -205,13 +206,22 @@ def check_model(model: Any) -> None:
                          "(wrap a function in an nn.Module whose forward calls it)")
 
 
-def analyze(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]]) -> Analysis:
-    """Trace ``model`` on ``example_inputs`` and find its coupled channel groups."""
+def analyze(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]], *,
+            prune_outputs: bool = False) -> Analysis:
+    """Trace ``model`` on ``example_inputs`` and find its coupled channel groups.
+
+    Model outputs keep their widths unless ``prune_outputs`` is true: then channels that reach an
+    output are prunable too, and the compressed model's outputs are narrower (a feature
+    extractor whose embedding width a new head will be trained on).
+    """
     check_model(model)
+    if not isinstance(prune_outputs, bool):
+        raise TraceError(f"prune_outputs must be True or False, got {prune_outputs!r}")
     inputs = as_inputs(example_inputs)
     gm = trace(model, inputs)
     store = AxisStore()
     ctx = RuleContext(gm, store)
+    ctx.protect_outputs = not prune_outputs
     for node in gm.graph.nodes:
         ctx.node = node
         try:

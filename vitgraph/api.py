@@ -35,10 +35,10 @@ def analysis_for(model: nn.Module, plan: Plan, analysis: Optional[Analysis] = No
         raise PlanError(f"analysis must be a vitgraph.Analysis, got {type(analysis).__name__}")
     plan.check_fields()
     an = analysis or plan.analysis
-    if an is None or an.model is not model:
+    if an is None or an.model is not model or an.prune_outputs != plan.prune_outputs:
         inputs = _plan_inputs(plan)
         try:
-            an = analyze(model, inputs)
+            an = analyze(model, inputs, prune_outputs=plan.prune_outputs)
         except VitgraphError as e:  # the plan was made on a model that ran on these inputs
             raise PlanError(
                 f"the plan does not fit the model: it cannot be analysed at the plan's input_shapes "

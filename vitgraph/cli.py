@@ -28,7 +28,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
     model, x = load_model(a.model, a.input_size)
     with step(f"analyzing {a.model}"):
-        an = analyze(model, x)
+        an = analyze(model, x, prune_outputs=a.prune_outputs)
     print(an.summary())
     return 0
 
@@ -37,7 +37,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
     from . import analyze
 
     model, x = load_model(a.model, a.input_size)
-    an = analyze(model, x)
+    an = analyze(model, x, prune_outputs=a.prune_outputs)
     if a.group:
         for gid in a.group:
             print(an.explain(gid))
@@ -83,7 +83,7 @@ def _score(a: argparse.Namespace) -> int:
 
     model, x = load_model(a.model, a.input_size)
     with step(f"analyzing {a.model}"):
-        an = analyze(model, x)
+        an = analyze(model, x, prune_outputs=a.prune_outputs)
     data = None if a.method == "magnitude" else _score_data(a, model, x)
     opts = dict(kv.split("=", 1) for kv in a.option)
     opts = {k: _literal(v) for k, v in opts.items()}
@@ -129,7 +129,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
     model, x = load_model(a.model, a.input_size)
     print(f"vitgraph compress {a.model} --ratio {a.ratio} --kinds {','.join(a.kinds)} -> {out}")
     with step("analyzing"):
-        an = analyze(model, x)
+        an = analyze(model, x, prune_outputs=a.prune_outputs)
     with step("planning (magnitude scores)"):
         plan = Plan.from_scores(an, ratio=a.ratio, kinds=a.kinds, round_to=a.round_to)
     with step("compressing"):
@@ -170,10 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitgraph", description="Structured pruning of Vision Transformers as torch.fx passes.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    def model_cmd(name: str, help: str) -> argparse.ArgumentParser:
+    def model_cmd(name: str, help: str, analyzes: bool = True) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help)
         s.add_argument("model", help="timm model name or torchvision:NAME (random weights), or path to a saved module")
         s.add_argument("--input-size", help="C,H,W of the example input (default: the timm config)")
+        if analyzes:
+            s.add_argument("--prune-outputs", action="store_true",
+                           help="let the channels of model outputs be pruned too (a feature extractor's embedding)")
         return s
 
     model_cmd("inspect", "print the channel groups of a model").set_defaults(fn=cmd_inspect)
@@ -199,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reps", type=int, default=10, help="latency repetitions per round")
     s.add_argument("--out", required=True, help="output directory")
     s.set_defaults(fn=cmd_compress)
-    s = model_cmd("export", "export a model to ONNX with a dynamic batch axis")
+    s = model_cmd("export", "export a model to ONNX with a dynamic batch axis", analyzes=False)
     s.add_argument("--out", required=True)
     s.add_argument("--opset", type=int, default=18)
     s.add_argument("--simplify", action="store_true")

@@ -47,6 +47,7 @@ class RuleContext:
         self.section_cache: dict[tuple[int, int], list[dict[int, int]]] = {}
         self.node: Optional[fx.Node] = None
         self.unruled: list[tuple[str, str]] = []
+        self.protect_outputs = True  # model outputs keep their widths
 
     # -- reading ----------------------------------------------------------------------------
     def dims(self, arg: Any) -> Any:

@@ -18,7 +18,7 @@ Keep = Union[list[int], list[list[int]]]
 DEFAULT_KINDS = ("residual", "head", "qk", "v", "ffn")
 ALL_KINDS = DEFAULT_KINDS + ("other",)
 PLAN_VERSION = 1  # the "vitgraph_plan" field of the JSON form; newer versions are refused
-_FIELDS = ("vitgraph_plan", "fingerprint", "input_shapes", "input_dtypes", "kept")
+_FIELDS = ("vitgraph_plan", "fingerprint", "input_shapes", "input_dtypes", "kept", "prune_outputs")
 
 
 @dataclass
@@ -35,13 +35,15 @@ class Plan:
     input_dtypes: list[str] = field(default_factory=lambda: ["float32"])
     kept: dict[str, Keep] = field(default_factory=dict)
     analysis: Optional["Analysis"] = field(default=None, repr=False, compare=False)
+    prune_outputs: bool = False  # made on an analysis that may prune model outputs (analyze(prune_outputs=True))
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
     def keep_all(cls, analysis: "Analysis") -> "Plan":
         """The identity plan: every group keeps every channel."""
         _check_analysis(analysis)
-        return cls(analysis.fingerprint, [list(s) for s in analysis.input_shapes], list(analysis.input_dtypes), {}, analysis)
+        return cls(analysis.fingerprint, [list(s) for s in analysis.input_shapes], list(analysis.input_dtypes), {}, analysis,
+                   analysis.prune_outputs)
 
     def keep(self, group_id: str, indices: Union[Sequence[int], Sequence[Sequence[int]], torch.Tensor, np.ndarray]) -> "Plan":
         """Set the kept indices of one group (validated now if the plan knows its analysis)."""
@@ -185,6 +187,8 @@ class Plan:
         for d in dtypes:
             if not isinstance(getattr(torch, d, None), torch.dtype):
                 raise PlanError(f"plan field 'input_dtypes' names unknown dtype {d!r}")
+        if not isinstance(self.prune_outputs, bool):
+            raise PlanError(f"plan field 'prune_outputs' must be true or false, got {self.prune_outputs!r:.80}")
         if not isinstance(self.kept, dict):
             raise PlanError(f"plan field 'kept' must map group ids to kept indices, got {type(self.kept).__name__}")
         for gid, keep in self.kept.items():
@@ -216,7 +220,8 @@ class Plan:
         """JSON text of the plan."""
         return json.dumps(
             {"vitgraph_plan": PLAN_VERSION, "fingerprint": self.fingerprint, "input_shapes": self.input_shapes,
-             "input_dtypes": self.input_dtypes, "kept": self.kept},
+             "input_dtypes": self.input_dtypes, "kept": self.kept}
+            | ({"prune_outputs": True} if self.prune_outputs else {}),
             indent=indent,
         )
 
@@ -245,7 +250,8 @@ class Plan:
         extra = sorted(set(d) - set(_FIELDS))
         if extra:
             raise PlanError(f"not a vitgraph plan: unknown field(s) {extra}")
-        plan = cls(d["fingerprint"], d["input_shapes"], d.get("input_dtypes", ["float32"] * _len(d["input_shapes"])), d["kept"])
+        plan = cls(d["fingerprint"], d["input_shapes"], d.get("input_dtypes", ["float32"] * _len(d["input_shapes"])), d["kept"],
+                   prune_outputs=d.get("prune_outputs", False))
         plan.check_fields()
         return plan
 

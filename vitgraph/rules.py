@@ -165,7 +165,9 @@ def get_attr_dims(ctx: RuleContext, node: fx.Node) -> Any:
 
 
 def output_dims(ctx: RuleContext, node: fx.Node) -> None:
-    """Model outputs are never pruned."""
+    """Model outputs are never pruned, unless the analysis was asked to (``prune_outputs``)."""
+    if not ctx.protect_outputs:
+        return
     for td in tensor_args(ctx, node):
         for lay in td.dims:
             ctx.freeze(lay, "output", "model output")
