@@ -6,6 +6,7 @@
 """
 from .analysis import Analysis, ChannelGroup, FrozenChannels, analyze
 from .api import compress, mask
+from .artifact import load, save
 from .export import export_onnx
 from .errors import AnalysisError, ExportError, PlanError, ScoreError, TraceError, VitgraphError
 from .latency import LatencyTable
@@ -16,7 +17,7 @@ from .score import Scores, score
 
 __all__ = [
     "Analysis", "ChannelGroup", "CostModel", "FrozenChannels", "LatencyTable", "Plan", "plan_to_target", "analyze", "compress", "mask",
-    "register_rule", "export_onnx", "score", "Scores", "sparsify_24", "merge_heads", "head_merge_plan", "TraceError", "PlanError", "ScoreError", "AnalysisError", "ExportError", "VitgraphError",
+    "register_rule", "export_onnx", "load", "save", "score", "Scores", "sparsify_24", "merge_heads", "head_merge_plan", "TraceError", "PlanError", "ScoreError", "AnalysisError", "ExportError", "VitgraphError",
 ]
 __version__ = "0.1.0"
 

@@ -11,7 +11,8 @@ from typing import Iterator, Optional, Sequence
 import torch
 
 from .errors import VitgraphError
-from .models import load_model
+from . import artifact
+from .models import load_model, load_model_and_source
 
 
 @contextlib.contextmanager
@@ -126,7 +127,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, x = load_model(a.model, a.input_size)
+    model, x, source = load_model_and_source(a.model, a.input_size)
     print(f"vitgraph compress {a.model} --ratio {a.ratio} --kinds {','.join(a.kinds)} -> {out}")
     with step("analyzing"):
         an = analyze(model, x, prune_outputs=a.prune_outputs)
@@ -134,8 +135,13 @@ def cmd_compress(a: argparse.Namespace) -> int:
         plan = Plan.from_scores(an, ratio=a.ratio, kinds=a.kinds, round_to=a.round_to)
     with step("compressing"):
         slim = compress(model, plan)
-    (out / "plan.json").write_text(plan.to_json())
-    torch.save(slim, out / "model.pt")
+    if source is not None:
+        saved = artifact.save(out, slim, plan, source)
+        files = f"{artifact.SOURCE_FILE}, {artifact.PLAN_FILE}, {artifact.WEIGHTS_FILE}, model.onnx"
+    else:  # a pickled module in: no recipe to rebuild it from, so the result is pickled too
+        (out / "plan.json").write_text(plan.to_json())
+        torch.save(slim, out / "model.pt")
+        files = "plan.json, model.pt, model.onnx"
     with step("exporting ONNX and checking parity"):
         rep = export_onnx(slim, out / "model.onnx", (x,))
     with step("counting FLOPs and measuring latency"):
@@ -146,7 +152,9 @@ def cmd_compress(a: argparse.Namespace) -> int:
         print(f"{k:<12}{p / 1e6:>12.2f}{f / 1e9:>10.3f}{lat[k].median_ms:>12.2f}")
     sp = lat["dense"].median_ms / lat["compressed"].median_ms
     print(f"\nspeedup {sp:.2f}x (torch eager, batch 1, median); FLOPs ratio {rows['compressed'][1] / rows['dense'][1]:.3f}")
-    print(f"ONNX parity max abs diff {rep.max_abs_diff:.2e}; wrote {out}/plan.json, model.pt, model.onnx")
+    print(f"ONNX parity max abs diff {rep.max_abs_diff:.2e}; wrote {out}/: {files}")
+    if source is not None:
+        print(f"reload with vitgraph.load({str(saved)!r}); prune again with vitgraph compress {saved} ...")
     return 0
 
 
@@ -172,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_cmd(name: str, help: str, analyzes: bool = True) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help)
-        s.add_argument("model", help="timm model name or torchvision:NAME (random weights), or path to a saved module")
+        s.add_argument("model", help="timm model name or torchvision:NAME (random weights), a vitgraph compress "
+                       "--out directory, or path to a saved module")
         s.add_argument("--input-size", help="C,H,W of the example input (default: the timm config)")
         if analyzes:
             s.add_argument("--prune-outputs", action="store_true",

@@ -1,0 +1,150 @@
+"""Saved results as data, never pickled code: ``source.json`` + ``plan.json`` + ``model.safetensors``.
+
+``source.json`` says how to rebuild the base architecture (a timm name and its keyword arguments,
+a torchvision name, or an earlier artifact with the plan that slimmed it); ``plan.json`` is the
+plan; ``model.safetensors`` holds the compressed weights. :func:`load` rebuilds the architecture,
+replays the plan and loads the weights, so a result reloads with ``torch.load``'s safe defaults
+in mind: nothing is unpickled, and no code is run but vitgraph's and the model library's own.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from .errors import VitgraphError
+
+__all__ = ["SOURCE_FILE", "PLAN_FILE", "WEIGHTS_FILE", "Source", "is_artifact", "load", "save"]
+
+SOURCE_FILE, PLAN_FILE, WEIGHTS_FILE = "source.json", "plan.json", "model.safetensors"
+_KINDS = ("timm", "torchvision", "vitgraph")
+SOURCE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Source:
+    """How to rebuild a base architecture with random weights.
+
+    ``kind`` is ``"timm"`` (``name`` for ``timm.create_model``, ``kwargs`` passed on),
+    ``"torchvision"`` (``torchvision.models.get_model(name, **kwargs)``) or ``"vitgraph"`` (an
+    earlier result: ``base`` is its source, ``plan`` the JSON text of the plan that slimmed it).
+    ``input_size`` is the example input's ``(C, H, W)``.
+    """
+
+    kind: str
+    name: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    input_size: tuple[int, ...] = (3, 224, 224)
+    base: Optional["Source"] = None
+    plan: Optional[str] = None
+
+    def build(self) -> nn.Module:
+        """The architecture, with random weights, in eval mode."""
+        if self.kind == "timm":
+            import timm
+
+            try:
+                return timm.create_model(self.name, pretrained=False, **self.kwargs).eval()
+            except (RuntimeError, TypeError) as e:
+                raise VitgraphError(f"cannot build timm model {self.name!r} with {self.kwargs}: {e}") from e
+        if self.kind == "torchvision":
+            import torchvision
+
+            try:
+                return torchvision.models.get_model(self.name, weights=None, **self.kwargs).eval()
+            except (ValueError, TypeError) as e:
+                raise VitgraphError(f"cannot build torchvision model {self.name!r}: {e}") from e
+        from .api import compress
+        from .plan import Plan
+
+        return compress(self.base.build(), Plan.from_json(self.plan)).eval()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in asdict(self).items() if k not in ("base", "plan")}
+        d["input_size"] = list(self.input_size)
+        if self.kind == "vitgraph":
+            d["base"], d["plan"] = self.base.to_dict(), json.loads(self.plan)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = SOURCE_FILE) -> "Source":
+        if not isinstance(d, dict) or d.get("kind") not in _KINDS:
+            kind = d.get("kind") if isinstance(d, dict) else d
+            raise VitgraphError(f"{where}: field 'kind' must be one of {list(_KINDS)}, got {kind!r}")
+        size = d.get("input_size", [3, 224, 224])
+        if not isinstance(size, list) or not size or not all(isinstance(s, int) and s > 0 for s in size):
+            raise VitgraphError(f"{where}: field 'input_size' must be a list of positive integers, got {size!r}")
+        kwargs = d.get("kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise VitgraphError(f"{where}: field 'kwargs' must be an object, got {type(kwargs).__name__}")
+        if d["kind"] == "vitgraph":
+            if "base" not in d or "plan" not in d:
+                raise VitgraphError(f"{where}: a 'vitgraph' source needs fields 'base' and 'plan'")
+            return cls("vitgraph", input_size=tuple(size), base=cls.from_dict(d["base"], where + " base"),
+                       plan=json.dumps(d["plan"]))
+        name = d.get("name")
+        if not isinstance(name, str) or not name:
+            raise VitgraphError(f"{where}: field 'name' must be a model name, got {name!r}")
+        return cls(d["kind"], name, kwargs, tuple(size))
+
+
+def is_artifact(path: Union[str, Path]) -> bool:
+    """Whether ``path`` is a directory written by :func:`save`."""
+    p = Path(path)
+    return p.is_dir() and all((p / f).is_file() for f in (SOURCE_FILE, PLAN_FILE, WEIGHTS_FILE))
+
+
+def save(out: Union[str, Path], module: nn.Module, plan: Any, source: Source) -> Path:
+    """Write ``module`` (the result of ``compress(source.build(), plan)`` with any weights) to ``out``."""
+    from safetensors.torch import save_model
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SOURCE_FILE).write_text(json.dumps({"vitgraph_source": SOURCE_VERSION} | source.to_dict(), indent=1))
+    (out / PLAN_FILE).write_text(plan.to_json())
+    save_model(module, str(out / WEIGHTS_FILE))
+    return out
+
+
+def read_source(path: Union[str, Path]) -> Source:
+    """The :class:`Source` in an artifact directory."""
+    where = Path(path) / SOURCE_FILE
+    try:
+        d = json.loads(where.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise VitgraphError(f"cannot read {where}: {e}") from e
+    version = d.get("vitgraph_source") if isinstance(d, dict) else None
+    if not isinstance(version, int) or version > SOURCE_VERSION:
+        raise VitgraphError(f"{where}: field 'vitgraph_source' must be a format version up to {SOURCE_VERSION}, "
+                            f"got {version!r}")
+    return Source.from_dict({k: v for k, v in d.items() if k != "vitgraph_source"}, str(where))
+
+
+def load(path: Union[str, Path]) -> nn.Module:
+    """The compressed model saved at ``path``: rebuilt from source and plan, weights loaded (eval mode)."""
+    from safetensors.torch import load_model
+
+    from .api import compress
+    from .plan import Plan
+
+    path = Path(path)
+    if not is_artifact(path):
+        raise VitgraphError(f"{path} is not a vitgraph result: it needs {SOURCE_FILE}, {PLAN_FILE} and {WEIGHTS_FILE}")
+    source = read_source(path)
+    plan = Plan.from_json((path / PLAN_FILE).read_text())
+    torch.manual_seed(0)
+    slim = compress(source.build(), plan)
+    try:
+        load_model(slim, str(path / WEIGHTS_FILE), strict=True)
+    except RuntimeError as e:
+        raise VitgraphError(f"{path / WEIGHTS_FILE} does not fit the model its source and plan build: {e}") from e
+    return slim.eval()
+
+
+def nested(source: Source, plan: Any) -> Source:
+    """The source of ``compress(source.build(), plan)``: what a result pruned again is built from."""
+    return Source("vitgraph", input_size=source.input_size, base=source, plan=plan.to_json(indent=None))
