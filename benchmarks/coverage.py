@@ -6,7 +6,8 @@
 MODEL is a timm name or ``torchvision:<name>`` (random weights).  One row per model: groups found
 by kind (residual/head/qk/v/ffn/other), frozen channels, params and FLOPs before -> after,
 masked-equivalence error (qk/v/head/ffn groups), ONNX parity error (onnxruntime vs torch),
-analysis time, and the reason for any failure.  Writes benchmarks/results/coverage.md
+the masked and ONNX errors of a qk-only and of a v-only plan (q/k and v end at different sizes),
+analysis time, and the reason for any failure, naming the plan that failed.  Writes benchmarks/results/coverage.md
 (``--name`` to change the stem).  Exit status 1 if any model fails.
 """
 from __future__ import annotations
@@ -65,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         f"random keep-sets removing {a.ratio:.0%} of every prunable group (per-head sets for qk/v). "
         "masked err: max |compressed - masked| / max |masked| with only qk/v/head/ffn groups pruned "
         "(must be <= 1e-5). ONNX err: max |onnxruntime - torch| / max |torch| of the compressed model "
-        "at batch 2 and 3 (dynamic batch). analyze s: analysis at batch 1, one run.\n\n"
+        "at batch 2 and 3 (dynamic batch). qk-only / v-only masked/ONNX: the same two errors for a plan "
+        f"that removes {a.ratio:.0%} of only the qk groups, or only the v groups, so q/k and v of every "
+        "attention end at different head dims ('-': the model has no such groups; groups with a "
+        "normalisation over them are compressed and exported but left out of the masked comparison). "
+        "A model passes when all three plans pass. analyze s: analysis at batch 1, one run.\n\n"
         f"Command: `python benchmarks/coverage.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
     )
     path = write_results_md(a.name, "Model coverage", rows, notes=notes)

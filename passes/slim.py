@@ -446,9 +446,10 @@ def _split_one(rc: RewriteContext, graph: fx.Graph, store: Any, node: fx.Node, t
     outs: list[fx.Node] = []
     offset = 0
     shape_args = _shape_args(node)
+    subs = _section_subs(store, [td] + [rc.dims(op) for op in chain if op.target in _RESHAPES], len(blocks), node)
     for i, blk in enumerate(blocks):
         n_i = rc.sel.size(((blk),), 0)
-        sub = {a: store.stale[a][i] for a in store.stale if store.stale[a]}
+        sub = subs[i]
         with graph.inserting_before(terminal_users[0] if terminal_users else None):
             part = graph.call_function(torch.narrow, (src, c, offset, n_i))
             cur_i = _section_reshape(rc, graph, part, shape_args, td, s, sub, terminal_users[0] if terminal_users else None)
@@ -486,6 +487,27 @@ def _split_one(rc: RewriteContext, graph: fx.Graph, store: Any, node: fx.Node, t
 
 _RESHAPES = ("reshape", "view", torch.reshape)
 _SPLIT_DONE = "vitgraph.split_section"
+
+
+def _section_subs(store: Any, tds: list[TensorDims], n: int, node: fx.Node) -> list[dict[int, int]]:
+    """Per section, the copy of each axis of ``tds`` the section owns (``AxisStore.stale``).
+
+    Only the axes these reshapes use count: other fused projections of the model may have a
+    different number of sections (a fused k/v next to a fused q/k/v).
+    """
+    f = store.find
+    used = {f(a) for td in tds for lay in td.dims if lay is not None for blk in lay for a in blk}
+    subs: list[dict[int, int]] = [{} for _ in range(n)]
+    for a in used:
+        copies = store.stale.get(a)
+        if not copies:
+            continue
+        if len(copies) != n:
+            raise PlanError(f"cannot split the sections of {node.format_node()}: "
+                            f"axis {a} has {len(copies)} section copies, the projection {n} sections")
+        for i, c in enumerate(copies):
+            subs[i][a] = c
+    return subs
 
 
 def _is_section_dim(store: Any, lay: Any) -> bool:
