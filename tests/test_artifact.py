@@ -75,3 +75,29 @@ def test_nested_source_rebuilds_the_slim_architecture():
     slim, plan, x = _slim(TINY, 5)
     rebuilt = nested(TINY, plan).build()
     assert [p.shape for p in rebuilt.parameters()] == [p.shape for p in slim.parameters()]
+
+
+ARGS = dict(TINY.kwargs)
+
+
+def test_checkpoints_and_model_args(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(7)
+    trained = TINY.build()
+    wrapped = {"state_dict": {"module." + k: v for k, v in trained.state_dict().items()}}  # a DDP training checkpoint
+    torch.save(wrapped, tmp_path / "ck.pth")
+    save_file(trained.state_dict(), str(tmp_path / "ck.safetensors"))
+    x = torch.randn(2, 3, 32, 32)
+    for ck in ("ck.pth", "ck.safetensors"):
+        model, x1, source = load_model_and_source("vit_tiny_patch16_224", model_args=ARGS, checkpoint=str(tmp_path / ck))
+        assert source == TINY and tuple(x1.shape) == (1, 3, 32, 32)
+        assert rel_err(model(x), trained(x)) == 0
+    torch.save(trained, tmp_path / "pickled.pt")
+    with pytest.raises(vitgraph.VitgraphError, match="no pickled code"):
+        load_model_and_source("vit_tiny_patch16_224", model_args=ARGS, checkpoint=str(tmp_path / "pickled.pt"))
+    with pytest.raises(vitgraph.VitgraphError, match="does not fit"):
+        load_model_and_source("vit_tiny_patch16_224", model_args=ARGS | {"embed_dim": 24},
+                              checkpoint=str(tmp_path / "ck.safetensors"))
+    with pytest.raises(vitgraph.VitgraphError, match="does not exist"):
+        load_model_and_source("vit_tiny_patch16_224", model_args=ARGS, checkpoint=str(tmp_path / "missing.pth"))

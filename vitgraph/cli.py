@@ -12,7 +12,7 @@ import torch
 
 from .errors import VitgraphError
 from . import artifact
-from .models import load_model, load_model_and_source
+from .models import load_model_and_source
 
 
 @contextlib.contextmanager
@@ -27,7 +27,7 @@ def step(msg: str) -> Iterator[None]:
 def cmd_inspect(a: argparse.Namespace) -> int:
     from . import analyze
 
-    model, x = load_model(a.model, a.input_size)
+    model, x, _ = _load(a)
     with step(f"analyzing {a.model}"):
         an = analyze(model, x, prune_outputs=a.prune_outputs)
     print(an.summary())
@@ -37,7 +37,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 def cmd_explain(a: argparse.Namespace) -> int:
     from . import analyze
 
-    model, x = load_model(a.model, a.input_size)
+    model, x, _ = _load(a)
     an = analyze(model, x, prune_outputs=a.prune_outputs)
     if a.group:
         for gid in a.group:
@@ -82,7 +82,7 @@ def _score(a: argparse.Namespace) -> int:
     from . import Plan, analyze, plan_to_target, score
     from .distributed import rank
 
-    model, x = load_model(a.model, a.input_size)
+    model, x, _ = _load(a)
     with step(f"analyzing {a.model}"):
         an = analyze(model, x, prune_outputs=a.prune_outputs)
     data = None if a.method == "magnitude" else _score_data(a, model, x)
@@ -111,6 +111,17 @@ def _score(a: argparse.Namespace) -> int:
     return 0
 
 
+def _load(a: argparse.Namespace):
+    """The command's model, example input and source, from MODEL, --input-size, --model-arg, --checkpoint."""
+    args = {}
+    for item in a.model_arg:
+        key, eq, value = item.partition("=")
+        if not eq or not key.isidentifier():
+            raise VitgraphError(f"--model-arg must be KEY=VALUE with KEY a Python name, got {item!r}")
+        args[key] = _literal(value)
+    return load_model_and_source(a.model, a.input_size, model_args=args, checkpoint=a.checkpoint)
+
+
 def _literal(v: str) -> object:
     import ast
 
@@ -127,7 +138,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, x, source = load_model_and_source(a.model, a.input_size)
+    model, x, source = _load(a)
     print(f"vitgraph compress {a.model} --ratio {a.ratio} --kinds {','.join(a.kinds)} -> {out}")
     with step("analyzing"):
         an = analyze(model, x, prune_outputs=a.prune_outputs)
@@ -161,7 +172,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
 def cmd_export(a: argparse.Namespace) -> int:
     from .export import export_onnx
 
-    model, x = load_model(a.model, a.input_size)
+    model, x, _ = _load(a)
     with step(f"exporting {a.model} to {a.out}"):
         rep = export_onnx(model, a.out, (x,), opset=a.opset, simplify=a.simplify)
     print(f"opset {rep.opset}, {rep.n_nodes} nodes, parity max abs diff {rep.max_abs_diff:.2e}; ops: {', '.join(rep.op_types)}")
@@ -183,6 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("model", help="timm model name or torchvision:NAME (random weights), a vitgraph compress "
                        "--out directory, or path to a saved module")
         s.add_argument("--input-size", help="C,H,W of the example input (default: the timm config)")
+        s.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="keyword argument for timm.create_model / torchvision get_model (num_classes=10, img_size=160)")
+        s.add_argument("--checkpoint", metavar="FILE",
+                       help="state dict to load (.safetensors, or .pth/.pt read with weights_only=True)")
         if analyzes:
             s.add_argument("--prune-outputs", action="store_true",
                            help="let the channels of model outputs be pruned too (a feature extractor's embedding)")

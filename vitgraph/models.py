@@ -3,7 +3,7 @@ saved module file."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -12,24 +12,33 @@ from .artifact import Source, is_artifact, load, nested, read_source
 from .errors import VitgraphError
 
 
-def load_model(spec: str, input_size: Optional[str] = None, batch: int = 1) -> tuple[nn.Module, torch.Tensor]:
-    """A model (random weights unless ``spec`` is a result directory, eval mode) and an example
-    input of its default size; see :func:`load_model_and_source`."""
-    model, x, _ = load_model_and_source(spec, input_size, batch)
+def load_model(spec: str, input_size: Optional[str] = None, batch: int = 1, *,
+               model_args: Optional[Mapping[str, Any]] = None,
+               checkpoint: Optional[str] = None) -> tuple[nn.Module, torch.Tensor]:
+    """A model (random weights unless a checkpoint or result directory gives them, eval mode) and
+    an example input of its default size; see :func:`load_model_and_source`."""
+    model, x, _ = load_model_and_source(spec, input_size, batch, model_args=model_args, checkpoint=checkpoint)
     return model, x
 
 
-def load_model_and_source(spec: str, input_size: Optional[str] = None,
-                          batch: int = 1) -> tuple[nn.Module, torch.Tensor, Optional[Source]]:
+def load_model_and_source(spec: str, input_size: Optional[str] = None, batch: int = 1, *,
+                          model_args: Optional[Mapping[str, Any]] = None,
+                          checkpoint: Optional[str] = None) -> tuple[nn.Module, torch.Tensor, Optional[Source]]:
     """A model, an example input, and the :class:`Source` that rebuilds the model's architecture.
 
     ``spec`` is a timm model name, ``torchvision:<name>`` for ``torchvision.models``, a directory
     written by ``vitgraph compress`` (its weights are loaded; pruning it again records it as the
     base), or the path of a module saved with ``torch.save(model, path)`` (then ``input_size`` is
     required and there is no source: unpickling runs code from the file, so only load files you
-    trust). ``input_size`` is ``"C,H,W"``.
+    trust). ``input_size`` is ``"C,H,W"``. ``model_args`` are keyword arguments for
+    ``timm.create_model`` / ``torchvision.models.get_model`` (``num_classes``, ``img_size``);
+    ``checkpoint`` is a state dict file (``.safetensors``, or ``.pth``/``.pt`` read with
+    ``weights_only=True``) in the model library's key layout.
     """
+    kwargs = dict(model_args or {})
     path = Path(spec)
+    if kwargs and (is_artifact(path) or path.exists()):
+        raise VitgraphError(f"model arguments {sorted(kwargs)} apply to timm and torchvision names, not to {spec}")
     shape = _parse_size(input_size) if input_size else None
     torch.manual_seed(0)  # the same random weights in every process (torchrun ranks agree)
     source: Optional[Source]
@@ -50,21 +59,34 @@ def load_model_and_source(spec: str, input_size: Optional[str] = None,
             raise VitgraphError(f"--input-size is required for a saved module ({spec})")
         source = None
     elif spec.startswith("torchvision:"):
-        source = Source("torchvision", spec.split(":", 1)[1])
+        source = Source("torchvision", spec.split(":", 1)[1], kwargs)
         model = source.build()
         image_size = getattr(model, "image_size", None)
         shape = shape or ((3, image_size, image_size) if isinstance(image_size, int) else (3, 224, 224))
     else:
-        source = Source("timm", spec)
+        source = Source("timm", spec, kwargs)
         try:
             model = source.build()
         except VitgraphError as e:
             raise VitgraphError(f"{spec!r} is neither a file nor a timm model name: {e.__cause__ or e}") from e
-        shape = shape or tuple(model.pretrained_cfg.get("input_size", (3, 224, 224)))
+        shape = shape or _timm_input_size(model, kwargs)
     if source is not None:
         source = Source(source.kind, source.name, source.kwargs, tuple(shape), source.base, source.plan)
+    if checkpoint is not None:
+        load_checkpoint(model, checkpoint)
     torch.manual_seed(0)
     return model.eval(), torch.randn(batch, *shape), source
+
+
+def _timm_input_size(model: nn.Module, kwargs: Mapping[str, Any]) -> tuple[int, ...]:
+    """The input size of a timm model: its config's, with timm's ``img_size``/``in_chans`` arguments applied."""
+    c, h, w = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    size = kwargs.get("img_size")
+    if isinstance(size, int):
+        h = w = size
+    elif isinstance(size, (tuple, list)) and len(size) == 2:
+        h, w = size
+    return (int(kwargs.get("in_chans", c)), int(h), int(w))
 
 
 def _parse_size(text: str) -> tuple[int, ...]:
@@ -75,3 +97,39 @@ def _parse_size(text: str) -> tuple[int, ...]:
     if not shape or any(s <= 0 for s in shape):
         raise VitgraphError(f"--input-size must be positive integers, got {text!r}")
     return shape
+
+
+def load_checkpoint(model: nn.Module, file: str) -> None:
+    """Load a state dict file into ``model`` strictly, with no unpickling of code.
+
+    ``.safetensors`` files are read with safetensors; other files with ``torch.load(...,
+    weights_only=True)``. A dict wrapping the state dict under ``state_dict``, ``model`` or
+    ``state_dict_ema`` (training scripts' checkpoints) is unwrapped, and a ``module.`` prefix
+    (DistributedDataParallel) is dropped.
+    """
+    p = Path(file)
+    if not p.is_file():
+        raise VitgraphError(f"checkpoint {file} does not exist")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: Any = load_file(str(p))
+        else:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad checkpoint file
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise VitgraphError(f"cannot read checkpoint {file} as a state dict of tensors (no pickled code is run): "
+                            f"{type(e).__name__}: {first}") from e
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise VitgraphError(f"checkpoint {file} does not hold a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise VitgraphError(f"checkpoint {file} does not fit {type(model).__name__}: {e}") from e
