@@ -8,8 +8,10 @@ When the head dimension of ``q``/``k`` shrinks, attention keeps the original sca
 from __future__ import annotations
 
 import copy
+import copyreg
 import math
 import operator
+from collections import OrderedDict
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
@@ -93,7 +95,7 @@ def _copy_state(gm: fx.GraphModule, memo: dict[int, Any]) -> nn.Module:
     """A module holding deep copies of ``gm``'s submodules and tensors (no graph, no code)."""
     root = nn.Module()
     for name, mod in gm.named_children():
-        setattr(root, name, copy.deepcopy(mod, memo))
+        setattr(root, name, _deepcopy(mod, memo))
     for name, p in gm._parameters.items():
         root.register_parameter(name, copy.deepcopy(p, memo))
     for name, b in gm._buffers.items():
@@ -101,17 +103,104 @@ def _copy_state(gm: fx.GraphModule, memo: dict[int, Any]) -> nn.Module:
     return root
 
 
+_ATOMIC = frozenset({type(None), int, float, bool, complex, bytes, str, type, range, type(Ellipsis)})
+_MISSING = object()
+
+
+def _deepcopy(x: Any, memo: dict[int, Any]) -> Any:
+    """``copy.deepcopy(x, memo)``, the same objects made the same way, without the generic
+    reduce protocol for what a module tree is made of: modules that keep ``nn.Module``'s own
+    pickling, and their dicts, lists, sets and tuples.  Anything else goes to ``copy.deepcopy``
+    (tensors, whose copies ``memo`` may already hold).  A deep model has thousands of modules,
+    each with a dozen hook dicts, and ``copy.deepcopy`` spends most of compress on them."""
+    i = id(x)
+    y = memo.get(i, _MISSING)
+    if y is not _MISSING:
+        return y
+    cls = type(x)
+    if cls in _ATOMIC:
+        return x
+    if cls is tuple:
+        items = [_deepcopy(a, memo) for a in x]
+        if i in memo:  # (made while copying its items, as copy.deepcopy checks)
+            return memo[i]
+        if all(a is b for a, b in zip(x, items)):
+            return x
+        y = tuple(items)
+    elif cls is list:
+        y = []
+        memo[i] = y
+        y.extend(_deepcopy(a, memo) for a in x)
+    elif cls is dict or (cls is OrderedDict and not vars(x)):
+        y = cls()
+        memo[i] = y
+        for k, v in x.items():
+            y[_deepcopy(k, memo)] = _deepcopy(v, memo)
+    elif cls is set and all(type(a) in _ATOMIC for a in x):
+        y = set(x)
+    elif isinstance(x, nn.Module) and _plain_module(cls):
+        y = cls.__new__(cls)
+        memo[i] = y
+        state = x.__getstate__()
+        y.__setstate__({k: _deepcopy(v, memo) for k, v in state.items()})
+    else:
+        return copy.deepcopy(x, memo)
+    memo[i] = y
+    memo.setdefault(id(memo), []).append(x)  # (copy.deepcopy keeps the originals alive the same way)
+    return y
+
+
+_plain_classes: dict[type, bool] = {}
+
+
+def _plain_module(cls: type) -> bool:
+    """``cls`` is copied by ``copy.deepcopy`` as ``nn.Module`` is: new object, deep-copied
+    ``__getstate__``, ``__setstate__``."""
+    hit = _plain_classes.get(cls)
+    if hit is None:
+        hit = _plain_classes[cls] = (
+            getattr(cls, "__deepcopy__", None) is None and cls.__reduce_ex__ is object.__reduce_ex__
+            and cls.__reduce__ is object.__reduce__ and cls.__getstate__ is nn.Module.__getstate__
+            and cls.__setstate__ is nn.Module.__setstate__ and cls not in copyreg.dispatch_table
+            and cls not in copy._deepcopy_dispatch and cls.__new__ is object.__new__
+            and "__slots__" not in vars(cls))
+    return hit
+
+
 def _slice(t: torch.Tensor, kept: list[Optional[np.ndarray]]) -> Optional[torch.Tensor]:
-    out = t.detach()
-    changed = False
-    for d, idx in enumerate(kept):
-        if idx is not None and len(idx) != t.shape[d]:
-            out = out.index_select(d, torch.as_tensor(idx, dtype=torch.long, device=t.device))
-            changed = True
-    if not changed:
+    cuts = [(d, idx) for d, idx in enumerate(kept) if idx is not None and len(idx) != t.shape[d]]
+    if not cuts:
         return None
-    out = out.contiguous()
+    out = _take(t.detach(), cuts)
     return nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else out
+
+
+def _take(t: torch.Tensor, cuts: list[tuple[int, np.ndarray]]) -> torch.Tensor:
+    """A contiguous copy of ``t`` keeping positions ``idx`` of each dim ``d`` in ``cuts``.
+
+    CPU tensors are gathered by numpy into a tensor torch allocated: the same values as
+    ``index_select``, but one thread and no intra-op thread pool, whose barriers make each copy
+    of a large weight several times slower when the cores are busy.
+    """
+    a = None
+    if t.device.type == "cpu" and t.layout == torch.strided and not (t.is_conj() or t.is_neg()):
+        try:
+            a = t.numpy()
+        except (TypeError, RuntimeError):  # (dtypes numpy lacks: bfloat16, float8, ...)
+            a = None
+    if a is None:
+        out = t
+        for d, idx in cuts:
+            out = out.index_select(d, torch.as_tensor(idx, dtype=torch.long, device=t.device))
+        return out.contiguous()
+    for d, idx in cuts[:-1]:
+        a = np.take(a, idx, axis=d)
+    d, idx = cuts[-1]
+    shape = list(a.shape)
+    shape[d] = len(idx)
+    out = torch.empty(shape, dtype=t.dtype, device="cpu")
+    np.take(a, idx, axis=d, out=out.numpy())
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

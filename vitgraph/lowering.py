@@ -118,16 +118,26 @@ VALUE_KEY = "vitgraph.value"  # node.meta entry: the concrete non-tensor value s
 def preserved_state(root: Optional[nn.Module]) -> Iterator[None]:
     """Put every module's attributes back after tracing: a forward may cache values on its
     module (``self.cached = ...``, a cache dict filled in place), and tracing would
-    leave proxies in the user's model."""
-    saved = [(m, dict(m.__dict__), {k: (v, v.copy()) for k, v in m.__dict__.items() if isinstance(v, (dict, list))})
-             for m in root.modules()] if root is not None else []
+    leave proxies in the user's model.
+
+    Empty containers (most of them: a module's hook dicts) are remembered as empty, not copied:
+    a deep model has tens of thousands, and copies that live through tracing only feed the
+    garbage collector's full collections."""
+    saved = []
+    for m in root.modules() if root is not None else ():
+        d = m.__dict__
+        full = [(v, v.copy()) for v in d.values() if isinstance(v, (dict, list)) and v]
+        empty = tuple(v for v in d.values() if isinstance(v, (dict, list)) and not v)
+        saved.append((m, dict(d), full, empty))
     try:
         yield
     finally:
-        for m, attrs, containers in saved:
+        for m, attrs, full, empty in saved:
             m.__dict__.clear()
             m.__dict__.update(attrs)
-            for obj, content in containers.values():
+            for obj in empty:
+                obj.clear()
+            for obj, content in full:
                 obj.clear()
                 obj.extend(content) if isinstance(obj, list) else obj.update(content)
 

@@ -357,6 +357,9 @@ def _score_tensor(g: "ChannelGroup", v: Any, analysis: "Analysis") -> torch.Tens
     return s
 
 
+_INT_TYPE = {int}
+
+
 def _check_structure(gid: str, keep: Any) -> None:
     """A keep-set's form: a list of integers, or a list of per-head lists of integers."""
     if not isinstance(keep, list):
@@ -364,10 +367,14 @@ def _check_structure(gid: str, keep: Any) -> None:
                         f"got {type(keep).__name__}")
     if not keep:
         raise PlanError(f"group {gid!r}: empty keep-set (a group must keep at least one unit)")
+    if set(map(type, keep)) <= _INT_TYPE:  # (a flat list of ints, the common case, checked at C speed)
+        return
     nested = [isinstance(r, list) for r in keep]
     if any(nested) and not all(nested):
         raise PlanError(f"group {gid!r}: kept indices mix integers and per-head lists")
     for row in keep if all(nested) else [keep]:
+        if set(map(type, row)) <= _INT_TYPE:  # (the common case, checked at C speed)
+            continue
         bad = [i for i in row if not _is_int(i)]
         if bad:
             raise PlanError(f"group {gid!r}: indices must be integers, got {bad[0]!r} ({type(bad[0]).__name__})")
@@ -389,7 +396,7 @@ def _validate_entry(g: "ChannelGroup", keep: Keep, analysis: "Analysis") -> None
     for row in rows or [keep]:
         if not row:
             raise PlanError(f"group {g.id!r}: empty keep-set (a group must keep at least one unit)")
-        if any(i < 0 or i >= g.size for i in row):
+        if min(row) < 0 or max(row) >= g.size:
             raise PlanError(f"group {g.id!r}: index out of range 0..{g.size - 1}: {[i for i in row if i < 0 or i >= g.size][:5]}")
         if len(set(row)) != len(row):
             raise PlanError(f"group {g.id!r}: repeated indices")

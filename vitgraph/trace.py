@@ -13,6 +13,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from .lowering import VALUE_KEY, inline_opaque, lower, preserved_state
+from .shape_memo import ShapeMemo
 from .errors import TraceError
 
 
@@ -297,7 +298,13 @@ class RealShapeProp(fx.Interpreter):
 
 
 class MetaShapeProp(fx.Interpreter):
-    """Shape propagation on the meta device: no data is computed, parameters are not copied."""
+    """Shape propagation on the meta device: no data is computed, parameters are not copied.
+    A pure call that repeats one already made on inputs of the same metadata (the same layer
+    in every block) is answered from a memo (see :mod:`vitgraph.shape_memo`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._memo = ShapeMemo()
 
     def run_node(self, n: fx.Node) -> Any:
         result = super().run_node(n)
@@ -308,10 +315,22 @@ class MetaShapeProp(fx.Interpreter):
         t = super().fetch_attr(target)
         return t.to("meta") if isinstance(t, torch.Tensor) else t
 
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return self._memo.run("call_function", target, args, kwargs,
+                              lambda: fx.Interpreter.call_function(self, target, args, kwargs))
+
+    def call_method(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return self._memo.run("call_method", target, args, kwargs,
+                              lambda: fx.Interpreter.call_method(self, target, args, kwargs))
+
     def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
         mod = self.fetch_attr(target)
-        state = {k: v.to("meta") for k, v in list(mod.named_parameters()) + list(mod.named_buffers())}
-        return torch.func.functional_call(mod, state, args, kwargs)
+
+        def call() -> Any:
+            state = {k: v.to("meta") for k, v in list(mod.named_parameters()) + list(mod.named_buffers())}
+            return torch.func.functional_call(mod, state, args, kwargs)
+
+        return self._memo.run("call_module", target, args, kwargs, call, module=mod)
 
 
 def _tensor_meta(v: Any) -> Any:
