@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import numpy as np
 import pytest
 import timm
@@ -10,7 +13,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from vitgraph import export as export_mod
-from vitgraph.export import ExportError, export_onnx, onnx_op_types
+from vitgraph.export import DEFAULT_FORMS, ExportError, ExportFallbackWarning, export_onnx, onnx_op_types
 from vitgraph.measure import (
     LatencyStats,
     count_flops,
@@ -100,8 +103,118 @@ def test_export_parity_failure_raises(vit, image, tmp_path, monkeypatch):
         return [out + 1.0 for out in real_run(path, inputs)]
 
     monkeypatch.setattr(export_mod, "_run_ort", broken)
-    with pytest.raises(ExportError, match="max abs diff 1.0"):
+    with pytest.warns(ExportFallbackWarning), pytest.raises(ExportError, match="max abs diff 1.0"):
         export_onnx(vit, tmp_path / "broken.onnx", image)
+    assert not (tmp_path / "broken.onnx").exists()
+
+
+def _ort_matches_torch(module: nn.Module, path, batches=(1, 3), shape=(3, 32, 32)) -> None:
+    """onnxruntime equals torch on fresh inputs at each batch size."""
+    module.eval()
+    for batch in batches:
+        x = torch.randn(batch, *shape)
+        (got,) = ort_runner(path, x)()
+        with torch.no_grad():
+            np.testing.assert_allclose(got, module(x).numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["module", "fx-graphmodule"])
+def test_default_form_is_first_measured_form_and_valid(vit, image, tmp_path, traced):
+    """The default writes DEFAULT_FORMS[0] without any fallback, for a module and a traced
+    GraphModule (whose defaulted forward arguments break a plain TorchScript export)."""
+    import onnx
+
+    model = torch.fx.symbolic_trace(vit.eval()) if traced else vit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ExportFallbackWarning)
+        report = export_onnx(model, tmp_path / "m.onnx", image)
+    assert report.form == DEFAULT_FORMS[0].name == "torchscript-17"
+    assert report.exporter == "torchscript" and report.opset == 17 and report.fallbacks == ()
+    onnx.checker.check_model(str(report.path), full_check=True)
+    proto = onnx.load(str(report.path))
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    # names are the module's, not the positional wrapper's
+    assert not [i.name for i in proto.graph.initializer if i.name.startswith("module.")]
+    assert not [n.name for n in proto.graph.node if n.name.startswith("/module/")]
+    _ort_matches_torch(vit, report.path)
+
+
+def test_fallback_is_announced_when_a_form_fails(vit, image, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("torchscript exporter unavailable")
+
+    monkeypatch.setattr(export_mod, "_export_torchscript", broken)
+    with pytest.warns(ExportFallbackWarning, match=r"torchscript-17 rejected \(RuntimeError: torchscript "
+                                                   r"exporter unavailable\); trying dynamo-20"):
+        report = export_onnx(vit, tmp_path / "m.onnx", image)
+    assert report.form == "dynamo-20" and report.exporter == "dynamo" and report.opset == 20
+    assert report.fallbacks == ("torchscript-17: RuntimeError: torchscript exporter unavailable",)
+    assert report.checked and report.max_abs_diff < 1e-4
+    _ort_matches_torch(vit, report.path)
+
+
+class _BatchSlice(nn.Module):
+    """Correct in torch and in a dynamo export; a TorchScript trace freezes the Python ``max``."""
+
+    def forward(self, x):
+        return x[: max(1, x.shape[0] - 1)].sum(0, keepdim=True) + x
+
+
+class _BakesBatch(nn.Module):
+    """Specialises on the batch size: no exporter can keep its batch axis dynamic."""
+
+    def forward(self, x):
+        return x * torch.tensor(float(x.shape[0]))
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_trace_that_bakes_the_batch_is_rejected_even_unchecked(tmp_path, check):
+    """A TorchScript file that is wrong at another batch size is never kept, even with check=False."""
+    module = _BatchSlice()
+    with pytest.warns(ExportFallbackWarning, match="torchscript-17 rejected .*differs from torch at batch 3"):
+        report = export_onnx(module, tmp_path / "b.onnx", torch.randn(2, 4), check=check)
+    assert report.form == "dynamo-20" and len(report.fallbacks) == 1
+    for batch in (1, 5):
+        x = torch.randn(batch, 4)
+        (got,) = ort_runner(report.path, x)()
+        np.testing.assert_allclose(got, module(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_model_specialised_on_the_batch_raises(tmp_path, check):
+    """dynamo silently writes a static batch for such a model; that file is rejected too."""
+    with pytest.warns(ExportFallbackWarning), pytest.raises(ExportError) as info:
+        export_onnx(_BakesBatch(), tmp_path / "b.onnx", torch.randn(2, 4), check=check)
+    assert "torchscript-17: ExportError: ONNX Runtime output 0 differs from torch at batch 3" in str(info.value)
+    assert "dynamo-20: ExportError: the dynamo exporter fixed axis 0 of input 'input' to 2" in str(info.value)
+    assert not (tmp_path / "b.onnx").exists()
+    report = export_onnx(_BakesBatch(), tmp_path / "s.onnx", torch.randn(2, 4), dynamic_batch=False, check=check)
+    assert report.form == "torchscript-17"
+
+
+def test_every_form_failing_raises_and_leaves_no_file(vit, image, tmp_path, monkeypatch):
+    def broken(module, path, *args):
+        Path(path).write_bytes(b"not onnx")
+        raise RuntimeError(f"no exporter ({Path(path).name})")
+
+    monkeypatch.setattr(export_mod, "_export_torchscript", broken)
+    monkeypatch.setattr(export_mod, "_export_dynamo", broken)
+    with pytest.warns(ExportFallbackWarning), pytest.raises(ExportError) as info:
+        export_onnx(vit, tmp_path / "x.onnx", image)
+    for form in DEFAULT_FORMS:
+        assert f"{form.name}: RuntimeError" in str(info.value)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_explicit_exporter_and_opset(vit, image, tmp_path):
+    report = export_onnx(vit, tmp_path / "d.onnx", image, exporter="dynamo", opset=18)
+    assert report.form == "dynamo-18" and report.opset == 18 and report.checked
+    report = export_onnx(vit, tmp_path / "t.onnx", image, opset=20, check=False)
+    assert report.form == "torchscript-20" and report.opset == 20
+    with pytest.raises(ValueError, match="cannot write opset 23"):
+        export_onnx(vit, tmp_path / "x.onnx", image, exporter="torchscript", opset=23)
+    with pytest.raises(ValueError, match="exporter must be one of"):
+        export_onnx(vit, tmp_path / "x.onnx", image, exporter="jit")
 
 
 def test_export_rejects_non_tensor_input(vit, tmp_path):
