@@ -195,8 +195,14 @@ def test_compressed_onnx_has_no_new_op_types(setup, tmp_path):
         assert math.isfinite(float(slim(x).sum()))
 
 
+_SHAPE_PLUMBING = {"Shape", "Gather", "Unsqueeze", "Constant"}
+
+
 def test_compressed_onnx_matches_same_width_dense_graph(setup, tmp_path):
-    """The slim ONNX graph has exactly the ops (by type and count) of a dense model built at its widths."""
+    """The slim ONNX graph has exactly the compute ops (by type and count) of a dense model built at
+    its widths. Shape plumbing is left out: how many Shape/Gather/Unsqueeze/Constant nodes the
+    exporter writes for the same sizes differs between torch releases (2.13 writes two more for
+    the dense model)."""
     import collections
 
     import onnx
@@ -214,5 +220,6 @@ def test_compressed_onnx_matches_same_width_dense_graph(setup, tmp_path):
     hist = {}
     for name, m in (("slim", slim), ("same", same)):
         vitgraph.export_onnx(m, tmp_path / f"{name}.onnx", (x,), check=False)
-        hist[name] = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node)
+        hist[name] = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node
+                                         if n.op_type not in _SHAPE_PLUMBING)
     assert hist["slim"] == hist["same"]
