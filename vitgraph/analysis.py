@@ -16,6 +16,7 @@ from . import rules_nn  # noqa: F401  (registers the layer rules)
 from .axes import AxisStore, Layout
 from .context import META_KEY, RuleContext, TensorDims
 from .errors import AnalysisError, TraceError
+from .gc_hold import holds_existing_objects
 from .rules import get_attr_dims, lookup_rule, no_rule, output_dims, placeholder_dims
 from .trace import trace
 
@@ -206,6 +207,7 @@ def check_model(model: Any) -> None:
                          "(wrap a function in an nn.Module whose forward calls it)")
 
 
+@holds_existing_objects
 def analyze(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]], *,
             prune_outputs: bool = False) -> Analysis:
     """Trace ``model`` on ``example_inputs`` and find its coupled channel groups.

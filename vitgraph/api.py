@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .analysis import Analysis, analyze, check_model
+from .gc_hold import holds_existing_objects
 from .errors import PlanError, VitgraphError
 from .plan import Plan
 
@@ -56,6 +57,7 @@ def _same_modes(out: nn.Module, model: nn.Module) -> nn.Module:
     return out
 
 
+@holds_existing_objects
 def compress(model: nn.Module, plan: Plan, analysis: Optional[Analysis] = None) -> nn.Module:
     """A new, smaller module that computes what ``plan`` keeps of ``model``; ``model`` is untouched.
 
@@ -67,6 +69,7 @@ def compress(model: nn.Module, plan: Plan, analysis: Optional[Analysis] = None) 
     return _same_modes(slim(an, plan.selection(an)), model)
 
 
+@holds_existing_objects
 def mask(model: nn.Module, plan: Plan, analysis: Optional[Analysis] = None) -> nn.Module:
     """A dense copy of ``model`` with the channels ``plan`` removes set to zero (in the model's mode)."""
     from vitgraph.passes.mask import apply_mask

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .errors import PlanError
+from .gc_hold import holds_existing_objects
 from .selection import Selection
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ class Plan:
         return plan
 
     @classmethod
+    @holds_existing_objects
     def from_scores(
         cls,
         analysis: "Analysis",
