@@ -29,7 +29,7 @@ import timm
 import torch
 
 import vitgraph
-from vitgraph.measure import _markdown_table, format_table, write_results_md
+from vitgraph.deploy.measure import _markdown_table, format_table, write_results_md
 
 STAGES = ("analyze", "plan", "compress")
 BASE = "ViT-S depth 12"

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from vitgraph.check import check_model
-from vitgraph.measure import format_table, write_results_md
+from vitgraph.deploy.measure import format_table, write_results_md
 from vitgraph.models import load_model
 
 

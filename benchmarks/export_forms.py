@@ -5,7 +5,7 @@ For a dense ViT-S-like timm model and a compressed ViT-B (a vitgraph GraphModule
 onnxruntime parity at batch 1 and 2) and timed on onnxruntime CPU at batch 8:
 
 - ``wall_ms``: median wall time at ``--threads`` intra-op threads (2), candidates interleaved
-  round-robin by ``vitgraph.measure.measure_latency``;
+  round-robin by ``vitgraph.deploy.measure.measure_latency``;
 - ``cpu_ms``: lowest CPU time of the calling thread over interleaved runs with one intra-op thread
   (spinning off).  On a shared machine wall time carries the waits for other jobs; one thread's CPU
   time does not, and the others can only add to it, so this is the figure that separates forms a
@@ -42,9 +42,9 @@ import timm
 import torch
 
 import vitgraph
-from vitgraph import export as vexport
-from vitgraph.export import DEFAULT_FORMS, ExportForm
-from vitgraph.measure import count_flops, format_table, measure_latency, ort_runner, write_results_md
+from vitgraph.deploy import export as vexport
+from vitgraph.deploy.export import DEFAULT_FORMS, ExportForm
+from vitgraph.deploy.measure import count_flops, format_table, measure_latency, ort_runner, write_results_md
 
 # name -> (base form, post-processing step or None)
 CANDIDATES: dict[str, tuple[ExportForm, str | None]] = {

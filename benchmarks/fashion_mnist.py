@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 import vitgraph
 from vitgraph.data import INSTALL_HINT, EpochLoader, batches, load_fashion_mnist
-from vitgraph.measure import count_flops, count_params, format_table, measure_latency, ort_runner, write_results_md
+from vitgraph.deploy.measure import count_flops, count_params, format_table, measure_latency, ort_runner, write_results_md
 from vitgraph.passes.recovery import finetune
 from vitgraph.passes.threshold import learn_thresholds
 

@@ -32,10 +32,10 @@ import timm
 import torch
 
 import vitgraph
-from vitgraph.export import onnx_op_types
-from vitgraph.measure import (count_flops, count_params, format_table, measure_latency, ort_runner,
+from vitgraph.deploy.export import onnx_op_types
+from vitgraph.deploy.measure import (count_flops, count_params, format_table, measure_latency, ort_runner,
                               torch_runner, write_results_md)
-from vitgraph.planner import CostModel
+from vitgraph.planning.planner import CostModel
 
 MODELS = ["deit_small_patch16_224", "vit_base_patch16_224", "swin_tiny_patch4_window7_224"]
 # the plain forms the same-width dense model is written in (graph optimisations: see export_forms.py)

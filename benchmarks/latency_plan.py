@@ -21,8 +21,9 @@ import timm
 import torch
 
 import vitgraph
-from vitgraph.measure import count_flops, format_table, write_results_md
-from vitgraph.planner import CostModel, measure_fraction
+from vitgraph.deploy.measure import count_flops, format_table, write_results_md
+from vitgraph.planning.planner import CostModel
+from vitgraph.targets import measure_fraction
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import vitgraph
-from vitgraph.measure import format_table, write_results_md
+from vitgraph.deploy.measure import format_table, write_results_md
 from vitgraph.passes.scoring_common import spearman
 
 

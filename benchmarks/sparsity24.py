@@ -25,8 +25,8 @@ import torch
 from onnx import numpy_helper
 
 import vitgraph
-from vitgraph.measure import count_flops, format_table, write_results_md
-from vitgraph.onnx24 import check_24
+from vitgraph.deploy.measure import count_flops, format_table, write_results_md
+from vitgraph.deploy.onnx24 import check_24
 from vitgraph.passes.sparsity24 import to_semi_structured
 
 

@@ -26,12 +26,12 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from vitgraph.context import META_KEY, TensorDims, node_shapes
+from vitgraph.analysis.context import META_KEY, TensorDims, node_shapes
 from vitgraph.errors import PlanError
 from vitgraph.passes.scoring_common import cycle, split_batch
 
 if TYPE_CHECKING:
-    from vitgraph.analysis import Analysis
+    from vitgraph.analysis.engine import Analysis
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Iterable, Mapping, Optional
 
 import torch
 
-from vitgraph.selection import layout_coords
+from vitgraph.analysis.selection import layout_coords
 
 if TYPE_CHECKING:
-    from vitgraph.analysis import Analysis, ChannelGroup
+    from vitgraph.analysis.engine import Analysis, ChannelGroup
 
 PRUNABLE = ("residual", "head", "qk", "v", "ffn")
 

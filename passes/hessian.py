@@ -27,7 +27,7 @@ from vitgraph.passes.gates import PRUNABLE, GateSet, model_tensors
 from vitgraph.passes.scoring_common import LossFn, default_loss, log, scoring_batches
 
 if TYPE_CHECKING:
-    from vitgraph.analysis import Analysis
+    from vitgraph.analysis.engine import Analysis
 
 MODES = ("fisher", "hvp")
 

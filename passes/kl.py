@@ -31,7 +31,7 @@ from vitgraph.passes.gates import PRUNABLE, GateSet, model_tensors
 from vitgraph.passes.scoring_common import log, logits_of, scoring_batches, scoring_graph
 
 if TYPE_CHECKING:
-    from vitgraph.analysis import Analysis
+    from vitgraph.analysis.engine import Analysis
 
 MODES = ("exact", "approx")
 

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from vitgraph.selection import Selection
+from vitgraph.analysis.selection import Selection
 
 
 def kept_elements(shape: torch.Size, dims: Any, sel: Selection) -> Optional[torch.Tensor]:

@@ -19,11 +19,11 @@ import torch
 import torch.fx as fx
 
 from vitgraph.errors import PlanError
-from vitgraph.selection import Selection
+from vitgraph.analysis.selection import Selection
 
 if TYPE_CHECKING:
-    from vitgraph.analysis import Analysis
-    from vitgraph.plan import Plan
+    from vitgraph.analysis.engine import Analysis
+    from vitgraph.planning.plan import Plan
 
 
 class _ResizedSelection(Selection):
@@ -92,11 +92,11 @@ def head_merge_plan(merged: "Analysis", head_dim: int, scores: Optional[Mapping[
     ``merged`` is the analysis of a :func:`merge_heads` result; ``scores`` as ``Plan.from_scores``
     takes them (missing: magnitude).  Heads keep their dims independently (per-head groups).
     """
-    from vitgraph.plan import Plan
+    from vitgraph.planning.plan import Plan
 
     plan = Plan.keep_all(merged)
     want = {"qk": head_dim, "v": v_dim or head_dim}
-    from vitgraph.passes.magnitude import magnitude_scores
+    from vitgraph.planning.magnitude import magnitude_scores
 
     s = dict(scores or {})
     missing = [g.id for g in merged.groups if g.kind in want and s.get(g.id) is None]

@@ -9,51 +9,19 @@ from __future__ import annotations
 
 import copy
 import copyreg
-import math
 import operator
 from collections import OrderedDict
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 
-from vitgraph.context import META_KEY, TensorDims, _get_tensor
+from vitgraph.analysis.context import META_KEY, TensorDims, _get_tensor
 from vitgraph.errors import PlanError
-from vitgraph.rules import STAND_IN, lookup
-from vitgraph.selection import RaggedSectionsError, Selection
-
-Rewrite = Callable[["RewriteContext", fx.Node], None]
-REWRITES: dict[Union[Callable, str, type], Rewrite] = {}
-
-
-def register_rewrite(*targets: Union[Callable, str, type]) -> Callable[[Rewrite], Rewrite]:
-    """Decorator: rewrite nodes of these targets (functions, method names, module types)."""
-
-    def deco(fn: Rewrite) -> Rewrite:
-        for t in targets:
-            REWRITES[t] = fn
-        return fn
-
-    return deco
-
-
-class RewriteContext:
-    """What a rewrite sees: old dims of each node, the plan's selection, the new module."""
-
-    def __init__(self, sel: Selection, root: nn.Module) -> None:
-        self.sel = sel
-        self.root = root
-
-    def dims(self, a: Any) -> Any:
-        """Original dims recorded on a node by the analysis."""
-        return a.meta.get(META_KEY) if isinstance(a, fx.Node) else None
-
-    def new_shape(self, td: TensorDims) -> tuple[int, ...]:
-        """Shape of a value after the plan."""
-        return tuple(self.sel.size(lay, s) for lay, s in zip(td.dims, td.shape))
+from vitgraph.analysis.ops.registry import lookup_op
+from vitgraph.analysis.selection import RaggedSectionsError, Selection
+from vitgraph.analysis.ops.rewriting import RewriteContext, scaled_sizes, slice_kept
 
 
 def slim(analysis: Any, sel: Selection) -> fx.GraphModule:
@@ -62,7 +30,7 @@ def slim(analysis: Any, sel: Selection) -> fx.GraphModule:
     memo: dict[int, Any] = {}
     for name, td in analysis.params.items():
         t = _get_tensor(gm, name)
-        new = _slice(t, [sel.kept(lay) if lay is not None else None for lay in td.dims])
+        new = slice_kept(t, [sel.kept(lay) if lay is not None else None for lay in td.dims])
         if new is not None:
             memo[id(t)] = new
     root = _copy_state(gm, memo)
@@ -72,7 +40,8 @@ def slim(analysis: Any, sel: Selection) -> fx.GraphModule:
     rc = RewriteContext(sel, root)
     split_ragged_sections(rc, graph, analysis.store)
     for node in list(graph.nodes):
-        fn = lookup(REWRITES, root, node)
+        spec = lookup_op(root, node)
+        fn = spec.rewrite if spec is not None else None
         if fn is None or META_KEY not in node.meta or not _inputs_analysed(node) or node.meta.get(_SPLIT_DONE):
             continue
         try:
@@ -167,327 +136,12 @@ def _plain_module(cls: type) -> bool:
     return hit
 
 
-def _slice(t: torch.Tensor, kept: list[Optional[np.ndarray]]) -> Optional[torch.Tensor]:
-    cuts = [(d, idx) for d, idx in enumerate(kept) if idx is not None and len(idx) != t.shape[d]]
-    if not cuts:
-        return None
-    out = _take(t.detach(), cuts)
-    return nn.Parameter(out, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else out
-
-
-def _take(t: torch.Tensor, cuts: list[tuple[int, np.ndarray]]) -> torch.Tensor:
-    """A contiguous copy of ``t`` keeping positions ``idx`` of each dim ``d`` in ``cuts``.
-
-    CPU tensors are gathered by numpy into a tensor torch allocated: the same values as
-    ``index_select``, but one thread and no intra-op thread pool, whose barriers make each copy
-    of a large weight several times slower when the cores are busy.
-    """
-    a = None
-    if t.device.type == "cpu" and t.layout == torch.strided and not (t.is_conj() or t.is_neg()):
-        try:
-            a = t.numpy()
-        except (TypeError, RuntimeError):  # (dtypes numpy lacks: bfloat16, float8, ...)
-            a = None
-    if a is None:
-        out = t
-        for d, idx in cuts:
-            out = out.index_select(d, torch.as_tensor(idx, dtype=torch.long, device=t.device))
-        return out.contiguous()
-    for d, idx in cuts[:-1]:
-        a = np.take(a, idx, axis=d)
-    d, idx = cuts[-1]
-    shape = list(a.shape)
-    shape[d] = len(idx)
-    out = torch.empty(shape, dtype=t.dtype, device="cpu")
-    np.take(a, idx, axis=d, out=out.numpy())
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # shape constants
 
 
-def _replace_sizes(args: list, old: tuple, new: tuple, dims: Optional[tuple] = None) -> list:
-    """Shape arguments with every changed channel dim set to its new size (-1 stays -1).
-
-    A channel dim given as a value read from another tensor's shape (``C`` of ``x.shape``) is
-    replaced by a constant too: that other tensor may have been pruned differently.
-    """
-    dims = dims if dims is not None else (None,) * len(args)
-    out = []
-    for a, o, n, lay in zip(args, old, new, dims):
-        if isinstance(a, int) and a == -1:
-            out.append(a)
-        elif o != n or (lay is not None and isinstance(a, fx.Node)) or _read_from_channels(a):
-            out.append(n)
-        else:
-            out.append(a)
-    return out
-
-
-def _stand_in_extent(store: Any, lay: Any) -> Optional[int]:
-    """Product of the sizes of the non-channel dims (batch, tokens) merged into a channel dim,
-    e.g. the ``B`` of a ``B * heads`` dim; None when there are none."""
-    if lay is None:
-        return None
-    ext = None
-    for blk in store.expand(lay):
-        for f in blk:
-            if store.origin[f] == STAND_IN or store.origin[store.find(f)] == STAND_IN:  # set by reshape_dims
-                ext = (ext or 1) * store.size[f]
-    return ext
-
-
-def _scaled_sizes(rc: "RewriteContext", graph: fx.Graph, node: Optional[fx.Node], args: list, old: tuple,
-                  new: tuple, dims: tuple) -> list:
-    """``_replace_sizes``, keeping sizes computed at run time where that stays right.
-
-    * a size read from a dim with the very same channels is already the new size at run time;
-    * a size computed only from non-channel sizes and constants (``B * num_heads``, where the
-      batch is merged with the heads) is rescaled at run time, ``a // c_old * c_new``, so the
-      batch stays dynamic (a constant would fix it to the example's batch).
-    New nodes go before ``node``.
-    """
-    out = _replace_sizes(args, old, new, dims)
-    store = rc.sel.store
-    for k, (a, o, n, lay) in enumerate(zip(args, old, new, dims)):
-        if not isinstance(a, fx.Node) or lay is None:
-            continue
-        src = _source_layout(a)
-        if src is not None and _same_layout(store, src, lay):
-            out[k] = a
-            continue
-        if not _structural(a):
-            continue
-        ext = _stand_in_extent(store, lay) or 1
-        c_old, c_new = o // ext, n // ext
-        if c_old == c_new:
-            out[k] = a
-            continue
-        with graph.inserting_before(node):
-            q = graph.call_function(operator.floordiv, (a, c_old)) if c_old != 1 else a
-            out[k] = graph.call_function(operator.mul, (q, c_new)) if c_new != 1 else q
-    return out
-
-
-_SIZE_ARITH = (operator.mul, operator.floordiv, operator.add, operator.sub)
-
-
-def _structural(a: Any) -> bool:
-    """``a`` is computed only from constants and sizes of dims without channels."""
-    if isinstance(a, int):
-        return True
-    if not isinstance(a, fx.Node):
-        return False
-    if _shape_read(a) is not None:
-        return _source_layout(a) is None
-    if a.op == "call_function" and a.target in _SIZE_ARITH:
-        return all(_structural(x) for x in a.args) and not a.kwargs
-    return False
-
-
-def _shape_read(a: Any) -> Optional[tuple[fx.Node, Any]]:
-    """``(x, i)`` when ``a`` is ``x.shape[i]`` or ``x.size(i)``, else None."""
-    if not isinstance(a, fx.Node):
-        return None
-    if a.op == "call_method" and a.target == "size" and len(a.args) == 2:
-        return a.args[0], a.args[1]
-    if a.op == "call_function" and a.target is operator.getitem and isinstance(a.args[0], fx.Node):
-        s = a.args[0]
-        if (s.op == "call_function" and s.target is getattr and s.args[1] == "shape") or (
-                s.op == "call_method" and s.target == "size" and len(s.args) == 1):
-            return s.args[0], a.args[1]
-    return None
-
-
-def _same_layout(store: Any, a: Any, b: Any) -> bool:
-    """Two layouts hold the same channels in the same order (compared by axis class)."""
-    def roots(lay: Any) -> tuple:
-        return tuple(tuple(store.find(x) for x in blk) for blk in store.expand(lay))
-    return roots(a) == roots(b)
-
-
-def _read_from_channels(a: Any) -> bool:
-    """``a`` is ``x.shape[i]`` / ``x.size(i)`` where dim ``i`` of ``x`` carries channels (which a
-    plan may shrink even though the dim ``a`` sizes here keeps all of its channels)."""
-    return _source_layout(a) is not None
-
-
-def _source_layout(a: Any) -> Any:
-    """The channel layout of the dim ``a`` reads when it is ``x.shape[i]`` / ``x.size(i)``."""
-    read = _shape_read(a)
-    if read is None or not isinstance(read[0], fx.Node) or not isinstance(read[1], int):
-        return None
-    td, dim = read[0].meta.get(META_KEY), read[1]
-    if isinstance(td, TensorDims) and -len(td.dims) <= dim < len(td.dims):
-        return td.dims[dim]
-    return None
-
-
-@register_rewrite("reshape", "view", torch.reshape, "expand")
-def rewrite_reshape(rc: RewriteContext, node: fx.Node) -> None:
-    """reshape/view/expand: the target shape follows the new channel counts."""
-    td = rc.dims(node)
-    new = rc.new_shape(td)
-    if node.op == "call_method":
-        rest = list(node.args[1:])
-        packed = len(rest) == 1 and isinstance(rest[0], (list, tuple))
-        shape = list(rest[0]) if packed else rest
-        if len(shape) != len(new):
-            return
-        shape = _scaled_sizes(rc, node.graph, node, shape, td.shape, new, td.dims)
-        node.args = (node.args[0], tuple(shape)) if packed else (node.args[0], *shape)
-    else:
-        key = 1 if len(node.args) > 1 else None
-        shape = list(node.args[1] if key else node.kwargs["shape"])
-        if len(shape) != len(new):
-            return
-        shape = _scaled_sizes(rc, node.graph, node, shape, td.shape, new, td.dims)
-        if key:
-            node.args = (node.args[0], tuple(shape))
-        else:
-            node.kwargs = {**node.kwargs, "shape": tuple(shape)}
-
-
-@register_rewrite("unflatten", torch.unflatten)
-def rewrite_unflatten(rc: RewriteContext, node: fx.Node) -> None:
-    """unflatten(dim, sizes): sizes follow the new channel counts."""
-    td = rc.dims(node)
-    new = rc.new_shape(td)
-    if new == td.shape:
-        return
-    dim, sizes = node.args[1], list(node.args[2])
-    dim = dim + len(rc.dims(node.args[0]).shape) if dim < 0 else dim
-    sizes = _replace_sizes(sizes, td.shape[dim:dim + len(sizes)], new[dim:dim + len(sizes)])
-    node.args = (node.args[0], dim, tuple(sizes))
-
-
-@register_rewrite(F.layer_norm, F.rms_norm)
-def rewrite_layer_norm(rc: RewriteContext, node: fx.Node) -> None:
-    """normalized_shape follows the new width."""
-    x = rc.dims(node.args[0])
-    shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
-    k = len(shape) if isinstance(shape, (list, tuple)) else 1
-    new = list(rc.new_shape(x)[-k:])
-    if len(node.args) > 1:
-        node.args = (node.args[0], new, *node.args[2:])
-    else:
-        node.kwargs = {**node.kwargs, "normalized_shape": new}
-
-
-@register_rewrite(F.scaled_dot_product_attention)
-def rewrite_sdpa(rc: RewriteContext, node: fx.Node) -> None:
-    """Keep the original attention scale when the q/k head dim shrinks."""
-    q = rc.dims(node.args[0] if node.args else node.kwargs["query"])
-    old, new = q.shape[-1], rc.new_shape(q)[-1]
-    if old != new and node.kwargs.get("scale") is None and len(node.args) < 7:
-        node.kwargs = {**node.kwargs, "scale": 1.0 / math.sqrt(old)}
-
-
-@register_rewrite("split", torch.split, "chunk", torch.chunk)
-def rewrite_split(rc: RewriteContext, node: fx.Node) -> None:
-    """split/chunk along a pruned dim become a split with the new part sizes."""
-    parts = rc.dims(node)
-    x = rc.dims(node.args[0])
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    dim = dim + len(x.shape) if dim < 0 else dim
-    sizes = [rc.new_shape(p)[dim] for p in parts]
-    if sizes == [p.shape[dim] for p in parts]:
-        return
-    node.op, node.target = "call_function", torch.split
-    node.args, node.kwargs = (node.args[0], sizes, dim), {}
-
-
-@register_rewrite(operator.getitem)
-def rewrite_getitem(rc: RewriteContext, node: fx.Node) -> None:
-    """Slices of a pruned channel dim get new bounds."""
-    x = rc.dims(node.args[0])
-    idx = node.args[1]
-    if not isinstance(x, TensorDims):
-        return
-    items = list(idx) if isinstance(idx, tuple) else [idx]
-    n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
-    dim, changed, out = 0, False, []
-    for it in items:
-        if it is Ellipsis:
-            out.append(it)
-            dim += len(x.shape) - n_real
-            continue
-        if it is None:
-            out.append(it)
-            continue
-        lay = x.dims[dim]
-        if isinstance(it, slice) and lay is not None and all(isinstance(v, (int, type(None))) for v in (it.start, it.stop, it.step)):
-            kept = rc.sel.kept(lay)
-            if len(kept) != x.shape[dim]:
-                start, stop, step = it.indices(x.shape[dim])
-                if step == 1:  # an open end stays open: the dim may also hold the (dynamic) batch
-                    it = slice(int(np.searchsorted(kept, start)) if start > 0 else it.start,
-                               int(np.searchsorted(kept, stop)) if stop < x.shape[dim] else None, it.step)
-                else:  # one member of every group of ``step`` channels; groups are kept whole
-                    it = slice(start, None, step)
-                changed = True
-        out.append(it)
-        dim += 1
-    if changed:
-        node.args = (node.args[0], tuple(out) if isinstance(idx, tuple) else out[0])
-
-
 # ---------------------------------------------------------------------------------------------
 # leaf modules
-
-
-@register_rewrite(nn.Linear)
-def rewrite_linear(rc: RewriteContext, node: fx.Node) -> None:
-    """Linear sizes follow its (sliced) weight."""
-    m = rc.root.get_submodule(node.target)
-    m.out_features, m.in_features = m.weight.shape
-
-
-@register_rewrite(nn.LayerNorm, nn.RMSNorm)
-def rewrite_norm_module(rc: RewriteContext, node: fx.Node) -> None:
-    """normalized_shape follows the new width."""
-    m = rc.root.get_submodule(node.target)
-    k = len(m.normalized_shape)
-    m.normalized_shape = tuple(rc.new_shape(rc.dims(node.args[0]))[-k:])
-
-
-@register_rewrite(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def rewrite_conv(rc: RewriteContext, node: fx.Node) -> None:
-    """Conv channel counts (and depthwise groups) follow the weight."""
-    m = rc.root.get_submodule(node.target)
-    cin = rc.new_shape(rc.dims(node.args[0]))[1]
-    if m.groups > 1:  # whole groups are removed: the (sliced) weight holds in-channels per group
-        m.groups = cin // m.weight.shape[1]
-    m.in_channels, m.out_channels = cin, m.weight.shape[0]
-
-
-@register_rewrite(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-def rewrite_batch_norm(rc: RewriteContext, node: fx.Node) -> None:
-    """num_features follows the new width."""
-    m = rc.root.get_submodule(node.target)
-    m.num_features = rc.new_shape(rc.dims(node.args[0]))[1]
-
-
-@register_rewrite(nn.GroupNorm)
-def rewrite_group_norm(rc: RewriteContext, node: fx.Node) -> None:
-    """num_channels (and per-channel groups) follow the new width."""
-    m = rc.root.get_submodule(node.target)
-    c = rc.new_shape(rc.dims(node.args[0]))[1]
-    if m.num_groups == m.num_channels:
-        m.num_groups = c
-    m.num_channels = c
-
-
-@register_rewrite(F.group_norm)
-def rewrite_group_norm_function(rc: RewriteContext, node: fx.Node) -> None:
-    """A per-channel num_groups follows the new width."""
-    td = rc.dims(node.args[0])
-    c_old, c_new = td.shape[1], rc.new_shape(td)[1]
-    if len(node.args) > 1 and node.args[1] == c_old:
-        node.args = (node.args[0], c_new, *node.args[2:])
-    elif node.kwargs.get("num_groups") == c_old:
-        node.kwargs = {**node.kwargs, "num_groups": c_new}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -628,7 +282,7 @@ def _section_reshape(rc: "RewriteContext", graph: fx.Graph, x: fx.Node, shape_ar
     f = rc.sel.store.find
     dims = tuple(tuple(tuple(sub.get(f(a), a) for a in b) for b in lay) if lay is not None else None for lay in td.dims)
     new = tuple(rc.sel.size(lay, old) for lay, old in zip(dims, td.shape))
-    args = _scaled_sizes(rc, graph, where, shape_args, td.shape, new, dims)
+    args = scaled_sizes(rc, graph, where, shape_args, td.shape, new, dims)
     del args[s]
     return graph.call_method("reshape", (x, *args))
 

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitgraph.deploy.onnx24 import shape_skip_reason
+
 __all__ = [
     "MASK_BUFFER",
     "SEMI_STRUCTURED_UNAVAILABLE",
@@ -105,20 +107,6 @@ class SemiStructuredReport:
 
 
 # --------------------------------------------------------------------------- masks
-
-
-def shape_skip_reason(out_features: int, in_features: int, *, min_features: int = 64,
-                      row_multiple: int = 32, col_multiple: int = 64) -> str | None:
-    """Reason a (out, in) weight cannot take 2:4 sparsity, or None if it is eligible."""
-    if in_features % 4:
-        return f"in_features={in_features} is not a multiple of 4"
-    if min(in_features, out_features) < min_features:
-        return f"shape ({out_features}, {in_features}) smaller than min_features={min_features}"
-    if in_features % col_multiple:
-        return f"in_features={in_features} is not a multiple of {col_multiple} (sparse kernel columns)"
-    if out_features % row_multiple:
-        return f"out_features={out_features} is not a multiple of {row_multiple} (sparse kernel rows)"
-    return None
 
 
 def _groups(t: torch.Tensor) -> torch.Tensor:

@@ -32,15 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from vitgraph.context import META_KEY, TensorDims
+from vitgraph.analysis.context import META_KEY, TensorDims
 from vitgraph.errors import PlanError
-from vitgraph.flops import FlopCounter
+from vitgraph.deploy.flops import FlopCounter
 from vitgraph.passes.scoring_common import cycle, default_loss, split_batch
-from vitgraph.plan import Plan
-from vitgraph.selection import layout_coords
+from vitgraph.planning.plan import Plan
+from vitgraph.analysis.selection import layout_coords
 
 if TYPE_CHECKING:
-    from vitgraph.analysis import Analysis, ChannelGroup
+    from vitgraph.analysis.engine import Analysis, ChannelGroup
 
 log = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ def _make_gates(analysis: "Analysis", kinds: Sequence[str], round_to: int, init:
     theta0 = math.log(r0 / (1.0 - r0))
     mags = None
     if init == "magnitude":
-        from vitgraph.passes.magnitude import magnitude_scores
+        from vitgraph.planning.magnitude import magnitude_scores
 
         mags = magnitude_scores(analysis, [g.id for g in groups])
     elif init != "uniform":

@@ -8,7 +8,7 @@ import timm
 import torch
 
 import vitgraph
-from vitgraph.measure import count_flops, count_params
+from vitgraph.deploy.measure import count_flops, count_params
 
 from conftest import random_plan, rel_err, tiny_vit
 
@@ -168,7 +168,7 @@ def test_input_model_is_not_mutated(x32):
 
 
 def test_onnx_export_of_a_compressed_model(x32, tmp_path):
-    from vitgraph.export import export_onnx
+    from vitgraph.deploy.export import export_onnx
 
     m = tiny_vit()
     an = vitgraph.analyze(m, x32[:1])

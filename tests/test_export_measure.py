@@ -1,4 +1,4 @@
-"""Tests for vitgraph.export (ONNX export + parity) and vitgraph.measure (params, FLOPs, latency)."""
+"""Tests for vitgraph.deploy.export (ONNX export + parity) and vitgraph.deploy.measure (params, FLOPs, latency)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-from vitgraph import export as export_mod
-from vitgraph.export import DEFAULT_FORMS, ExportError, ExportFallbackWarning, export_onnx, onnx_op_types
-from vitgraph.measure import (
+from vitgraph.deploy import export as export_mod
+from vitgraph.deploy.export import DEFAULT_FORMS, ExportError, ExportFallbackWarning, export_onnx, onnx_op_types
+from vitgraph.deploy.measure import (
     LatencyStats,
     count_flops,
     count_params,

@@ -1,6 +1,6 @@
 """The fast paths of analysis, planning and compression give what the plain code gives.
 
-Shape propagation's memo (vitgraph.shape_memo), the chunked squared norms of the magnitude
+Shape propagation's memo (vitgraph.capture.shape_memo), the chunked squared norms of the magnitude
 scores and the numpy gather of the slim pass are checked against the computations they replace.
 """
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitgraph
-from vitgraph import shape_memo
-from vitgraph.lowering import VALUE_KEY
-from vitgraph.passes.magnitude import _sq_norms_of_dims, slice_sq_norms
-from vitgraph.passes.slim import _slice
+from vitgraph.capture import shape_memo
+from vitgraph.capture.tracer import VALUE_KEY
+from vitgraph.planning.magnitude import _sq_norms_of_dims, slice_sq_norms
+from vitgraph.analysis.ops.rewriting import slice_kept
 
 from conftest import tiny_vit
 
@@ -113,11 +113,11 @@ def test_numpy_gather_equals_index_select():
                 ref = t.detach()
                 for d, idx in enumerate(kept):
                     ref = ref.index_select(d, torch.as_tensor(idx))
-                out = _slice(t, kept)
+                out = slice_kept(t, kept)
                 assert type(out) is type(t) and out.dtype == t.dtype and out.is_contiguous()
                 assert torch.equal(out.detach(), ref) and out.requires_grad == t.requires_grad
     with pytest.raises(IndexError):
-        _slice(torch.randn(4, 4), [np.array([0, 9]), None])
+        slice_kept(torch.randn(4, 4), [np.array([0, 9]), None])
 
 
 def _tree(x, seen=None, path="root") -> list:
@@ -170,8 +170,8 @@ def test_module_copy_equals_deepcopy():
 
 def test_magnitude_scores_equal_the_plain_computation():
     """Per group, the squared norms summed parameter by parameter as the plain code does."""
-    from vitgraph.passes.magnitude import magnitude_scores
-    from vitgraph.selection import layout_coords
+    from vitgraph.planning.magnitude import magnitude_scores
+    from vitgraph.analysis.selection import layout_coords
 
     m = tiny_vit(embed_dim=96, mlp_ratio=8.0).eval()  # (fc weights big enough to be squared in blocks)
     with torch.no_grad():

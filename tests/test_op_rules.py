@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitgraph
-from vitgraph.measure import count_params
+from vitgraph.deploy.measure import count_params
 
 from conftest import rel_err
 

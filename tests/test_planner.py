@@ -9,8 +9,8 @@ from torch import nn
 
 import vitgraph
 from vitgraph import CostModel, LatencyTable, PlanError, plan_to_target
-from vitgraph.export import onnx_op_types
-from vitgraph.measure import count_flops, count_params
+from vitgraph.deploy.export import onnx_op_types
+from vitgraph.deploy.measure import count_flops, count_params
 
 from conftest import tiny_vit
 

@@ -187,7 +187,7 @@ def test_score_command_writes_scores_and_a_plan(setup, tmp_path):
     plan = vitgraph.Plan.from_json((tmp_path / "plan.json").read_text())
     slim = vitgraph.compress(model, plan)
     x = torch.randn(1, 3, 32, 32)
-    from vitgraph.measure import count_flops
+    from vitgraph.deploy.measure import count_flops
     assert count_flops(slim, (x,)) <= 0.85 * count_flops(model, (x,))
 
 

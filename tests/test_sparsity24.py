@@ -12,7 +12,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from vitgraph.onnx24 import check_24, main
+from vitgraph.deploy.onnx24 import check_24, main
 from vitgraph.passes.sparsity24 import (
     MASK_BUFFER,
     SEMI_STRUCTURED_UNAVAILABLE,

@@ -9,7 +9,7 @@ import torch
 
 import vitgraph
 from vitgraph.errors import PlanError
-from vitgraph.measure import count_flops, count_params
+from vitgraph.deploy.measure import count_flops, count_params
 from vitgraph.passes.depth import add_exits, drop_blocks, residual_blocks, train_exits, truncate
 from vitgraph.passes.threshold import _Gate, _mask, budget_of, learn_thresholds
 

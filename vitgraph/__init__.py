@@ -4,16 +4,17 @@
     plan = vitgraph.Plan.from_scores(an, scores=None, ratio=0.5)
     slim = vitgraph.compress(model, plan)
 """
-from .analysis import Analysis, ChannelGroup, FrozenChannels, analyze
-from .api import compress, mask
-from .artifact import load, save
-from .export import export_onnx
-from .errors import AnalysisError, ExportError, PlanError, ScoreError, TraceError, VitgraphError
-from .latency import LatencyTable
-from .plan import Plan
-from .planner import CostModel, plan_to_target
-from .rules import register_rule
-from .score import Scores, score
+from vitgraph.analysis.engine import Analysis, ChannelGroup, FrozenChannels, analyze
+from vitgraph.api import compress, mask
+from vitgraph.artifact import load, save
+from vitgraph.deploy.export import export_onnx
+from vitgraph.errors import AnalysisError, ExportError, PlanError, ScoreError, TraceError, VitgraphError
+from vitgraph.planning.latency import LatencyTable
+from vitgraph.planning.plan import Plan
+from vitgraph.planning.planner import CostModel
+from vitgraph.targets import plan_to_target
+from vitgraph.analysis.ops import register_rule
+from vitgraph.score import Scores, score
 
 __all__ = [
     "Analysis", "ChannelGroup", "CostModel", "FrozenChannels", "LatencyTable", "Plan", "plan_to_target", "analyze", "compress", "mask",

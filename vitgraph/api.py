@@ -6,10 +6,10 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .analysis import Analysis, analyze, check_model
-from .gc_hold import holds_existing_objects
-from .errors import PlanError, VitgraphError
-from .plan import Plan
+from vitgraph.analysis.engine import Analysis, analyze, check_model
+from vitgraph.gc_hold import holds_existing_objects
+from vitgraph.errors import PlanError, VitgraphError
+from vitgraph.planning.plan import Plan
 
 
 def _dtype(name: str) -> torch.dtype:

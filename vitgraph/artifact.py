@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .errors import VitgraphError
+from vitgraph.errors import VitgraphError
 
 __all__ = ["SOURCE_FILE", "PLAN_FILE", "WEIGHTS_FILE", "Source", "is_artifact", "load", "save"]
 
@@ -58,8 +58,8 @@ class Source:
                 return torchvision.models.get_model(self.name, weights=None, **self.kwargs).eval()
             except (ValueError, TypeError) as e:
                 raise VitgraphError(f"cannot build torchvision model {self.name!r}: {e}") from e
-        from .api import compress
-        from .plan import Plan
+        from vitgraph.api import compress
+        from vitgraph.planning.plan import Plan
 
         return compress(self.base.build(), Plan.from_json(self.plan)).eval()
 
@@ -128,8 +128,8 @@ def load(path: Union[str, Path]) -> nn.Module:
     """The compressed model saved at ``path``: rebuilt from source and plan, weights loaded (eval mode)."""
     from safetensors.torch import load_model
 
-    from .api import compress
-    from .plan import Plan
+    from vitgraph.api import compress
+    from vitgraph.planning.plan import Plan
 
     path = Path(path)
     if not is_artifact(path):

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
-from .analysis import analyze
-from .api import compress, mask
-from .plan import Plan
+from vitgraph.analysis.engine import analyze
+from vitgraph.api import compress, mask
+from vitgraph.planning.plan import Plan
 
 if TYPE_CHECKING:
-    from .analysis import Analysis
+    from vitgraph.analysis.engine import Analysis
 
 INNER_KINDS = ("qk", "v", "head", "ffn")
 RAGGED_PLANS = {"qk-only": ("qk",), "v-only": ("v",)}  # plan name -> the only kinds it prunes
@@ -178,7 +178,7 @@ def check_model(
     :func:`_randomize_constant_params`), so the model is modified in place.  After the all-kinds
     plan, a qk-only and a v-only plan (``RAGGED_PLANS``) are checked, each on its own.
     """
-    from .measure import count_flops, count_params
+    from vitgraph.deploy.measure import count_flops, count_params
 
     rep = CheckReport(name)
     step, an = "analyze", None
@@ -266,7 +266,7 @@ def _onnx_parity(slim: nn.Module, x: torch.Tensor, out: torch.Tensor) -> tuple[i
     output's magnitude (never below 1e-3): with logits in the hundreds, float32 rounding alone
     differs by more than 1e-3 on an element near zero.  ``ONNX_TOL`` then judges the result.
     """
-    from .export import export_onnx
+    from vitgraph.deploy.export import export_onnx
 
     scale = max(float(out.abs().max()), 1e-12)
     with tempfile.TemporaryDirectory() as d:

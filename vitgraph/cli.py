@@ -10,9 +10,9 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from .errors import VitgraphError
-from . import artifact
-from .models import load_model_and_source
+from vitgraph.errors import VitgraphError
+from vitgraph import artifact
+from vitgraph.models import load_model_and_source
 
 
 @contextlib.contextmanager
@@ -25,7 +25,7 @@ def step(msg: str) -> Iterator[None]:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    from . import analyze
+    from vitgraph import analyze
 
     model, x, _ = _load(a)
     with step(f"analyzing {a.model}"):
@@ -35,7 +35,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def cmd_explain(a: argparse.Namespace) -> int:
-    from . import analyze
+    from vitgraph import analyze
 
     model, x, _ = _load(a)
     an = analyze(model, x, prune_outputs=a.prune_outputs)
@@ -51,7 +51,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
 
 def _score_data(a: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor) -> list:
     """Batches for ``vitgraph score``: Fashion-MNIST, a saved ``(inputs, targets)`` file, or random."""
-    from .data import batches, fit_input, load_fashion_mnist
+    from vitgraph.data import batches, fit_input, load_fashion_mnist
 
     n = a.batches * a.batch_size
     if a.data == "random":
@@ -69,7 +69,7 @@ def _score_data(a: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor) 
 
 
 def cmd_score(a: argparse.Namespace) -> int:
-    from .distributed import init_from_env, shutdown
+    from vitgraph.distributed import init_from_env, shutdown
 
     init_from_env()
     try:
@@ -79,8 +79,8 @@ def cmd_score(a: argparse.Namespace) -> int:
 
 
 def _score(a: argparse.Namespace) -> int:
-    from . import Plan, analyze, plan_to_target, score
-    from .distributed import rank
+    from vitgraph import Plan, analyze, plan_to_target, score
+    from vitgraph.distributed import rank
 
     model, x, _ = _load(a)
     with step(f"analyzing {a.model}"):
@@ -132,9 +132,9 @@ def _literal(v: str) -> object:
 
 
 def cmd_compress(a: argparse.Namespace) -> int:
-    from . import Plan, analyze, compress
-    from .export import export_onnx
-    from .measure import count_flops, count_params, measure_latency, torch_runner
+    from vitgraph import Plan, analyze, compress
+    from vitgraph.deploy.export import export_onnx
+    from vitgraph.deploy.measure import count_flops, count_params, measure_latency, torch_runner
 
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -170,7 +170,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
-    from .export import export_onnx
+    from vitgraph.deploy.export import export_onnx
 
     model, x, _ = _load(a)
     with step(f"exporting {a.model} to {a.out}"):
@@ -180,7 +180,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_check24(a: argparse.Namespace) -> int:
-    from .onnx24 import main as check_main
+    from vitgraph.deploy.onnx24 import main as check_main
 
     return check_main([a.file])
 

@@ -8,8 +8,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from .artifact import Source, is_artifact, load, nested, read_source
-from .errors import VitgraphError
+from vitgraph.artifact import Source, is_artifact, load, nested, read_source
+from vitgraph.errors import VitgraphError
 
 
 def load_model(spec: str, input_size: Optional[str] = None, batch: int = 1, *,
@@ -45,7 +45,7 @@ def load_model_and_source(spec: str, input_size: Optional[str] = None, batch: in
     if is_artifact(path):
         saved = read_source(path)
         model = load(path)
-        from .plan import Plan
+        from vitgraph.planning.plan import Plan
 
         source = nested(saved, Plan.from_json((path / "plan.json").read_text()))
         shape = shape or saved.input_size

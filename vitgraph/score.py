@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import torch
 from torch import nn
 
-from .analysis import Analysis
-from .errors import ScoreError
+from vitgraph.analysis.engine import Analysis
+from vitgraph.errors import ScoreError
 
 log = logging.getLogger("vitgraph.score")
 
@@ -68,7 +68,7 @@ def score(
     if loss_fn is not None and not callable(loss_fn):
         raise ScoreError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if method == "magnitude":
-        from vitgraph.passes.magnitude import magnitude_scores
+        from vitgraph.planning.magnitude import magnitude_scores
 
         _no_options(method, options, {"group_ids"})
         ids = options.get("group_ids")

@@ -11,7 +11,7 @@ the consumer:
   * each ``Transpose(perm=[1, 0])`` on the way flips the axis.
 
 Every group of 4 consecutive weights along the input axis must have at most 2
-non-zeros.  Eligibility uses the same shape rule as ``vitgraph.passes.sparsity24``.
+non-zeros.  Eligibility is :func:`shape_skip_reason`, the shape rule ``vitgraph.passes.sparsity24`` uses too.
 """
 
 from __future__ import annotations
@@ -28,7 +28,21 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import numpy_helper
 
-from vitgraph.passes.sparsity24 import shape_skip_reason
+
+def shape_skip_reason(out_features: int, in_features: int, *, min_features: int = 64,
+                      row_multiple: int = 32, col_multiple: int = 64) -> str | None:
+    """Reason a (out, in) weight cannot take 2:4 sparsity, or None if it is eligible."""
+    if in_features % 4:
+        return f"in_features={in_features} is not a multiple of 4"
+    if min(in_features, out_features) < min_features:
+        return f"shape ({out_features}, {in_features}) smaller than min_features={min_features}"
+    if in_features % col_multiple:
+        return f"in_features={in_features} is not a multiple of {col_multiple} (sparse kernel columns)"
+    if out_features % row_multiple:
+        return f"out_features={out_features} is not a multiple of {row_multiple} (sparse kernel rows)"
+    return None
+
+
 
 __all__ = ["Initializer24", "Check24Report", "check_24", "main"]
 

@@ -2,19 +2,16 @@
 
 :class:`CostModel` prices a set of kept widths (one count per group) without running the model:
 FLOPs and parameters follow from the analysis' layouts of every compute node and parameter, and
-latency from a :class:`~vitgraph.latency.LatencyTable` (sum over the compute nodes plus an
+latency from a :class:`~vitgraph.planning.latency.LatencyTable` (sum over the compute nodes plus an
 element-wise part).  :func:`plan_to_target` removes units of channels until the cost reaches a
-fraction of the dense model's, and can close the loop on latency by measuring the compressed
-model on the table's runtime.
+fraction of the dense model's (``vitgraph.targets`` closes the loop on measured latency).
 """
 from __future__ import annotations
 
 import heapq
 import math
 import operator
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import numpy as np
@@ -23,13 +20,13 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from .context import META_KEY, TensorDims
-from .errors import PlanError
-from .plan import DEFAULT_KINDS, Plan
+from vitgraph.analysis.context import META_KEY, TensorDims
+from vitgraph.errors import PlanError
+from vitgraph.planning.plan import DEFAULT_KINDS, Plan
 
 if TYPE_CHECKING:
-    from .analysis import Analysis, ChannelGroup
-    from .latency import LatencyTable
+    from vitgraph.analysis.engine import Analysis, ChannelGroup
+    from vitgraph.planning.latency import LatencyTable
 
 DEFAULT_UNIT = {"residual": 16, "head": 1, "qk": 8, "v": 8, "ffn": 16, "other": 16}
 DEFAULT_MIN_WIDTH = {"residual": 64, "head": 1, "qk": 8, "v": 8, "ffn": 64, "other": 16}
@@ -75,7 +72,7 @@ class CostModel:
 
     Widths are a mapping group id -> kept count (heads for ``head`` groups, per-head dims for
     ``qk``/``v``, channels otherwise); groups not listed keep everything.  FLOPs follow the
-    convention of ``vitgraph.flops`` (2 per multiply-add of matmuls, linears, convolutions and
+    convention of ``vitgraph.deploy.flops`` (2 per multiply-add of matmuls, linears, convolutions and
     attention; the same on every torch release), as ``measure.count_flops`` counts it, at the
     analysis' input shapes; parameters follow ``measure.count_params``.
     """
@@ -364,9 +361,6 @@ def plan_to_target(
     mode: str = "global",
     normalize: bool = True,
     batch_units: int = 8,
-    calibrate: bool = False,
-    calibrate_rounds: int = 4,
-    calibrate_tol: float = 0.02,
     history: Optional[list] = None,
 ) -> Plan:
     """A plan whose ``target`` cost (flops, params or latency) is at most ``fraction`` of the dense model's.
@@ -383,11 +377,22 @@ def plan_to_target(
     ``scores`` maps group ids to 1-D scores (``[heads, dims]`` for per-head qk/v, ``[heads]`` for
     head groups); missing entries mean magnitude.  Kept channel counts are multiples of
     ``round_to`` (heads are not rounded) and at least ``min_width[kind]``.  ``target="latency"``
-    needs ``latency_table``; ``calibrate=True`` then compresses the analysed model, measures it
-    against the dense model on the table's runtime and corrects the planning fraction by secant
-    steps (at most ``calibrate_rounds`` measurements), returning the plan measured closest to the
-    target.  ``history`` (a list) receives one dict per planning/measuring round.
+    needs ``latency_table``.  ``history`` (a list) receives one dict per planning round.
+    ``vitgraph.plan_to_target`` adds closing the loop on measured latency (``calibrate=True``).
     """
+    args = planning_args(analysis, scores, target, fraction, eta, latency_table, unit, min_width, round_to,
+                         kinds, mode, normalize, batch_units)
+    plan, widths, cost, dense = plan_once(fraction=fraction, **args)
+    if history is not None:
+        history.append({"planned_fraction": fraction, "predicted": cost / dense, "widths": widths})
+    return plan
+
+
+def planning_args(analysis: "Analysis", scores: Optional[Mapping[str, Any]], target: str, fraction: float,
+                  eta: float, latency_table: Optional["LatencyTable"], unit: Optional[Mapping[str, int]],
+                  min_width: Optional[Mapping[str, int]], round_to: int, kinds: Optional[Sequence[str]], mode: str,
+                  normalize: bool, batch_units: int) -> dict:
+    """The checked arguments of :func:`plan_once` (everything but the fraction) for ``plan_to_target``'s options."""
     if target not in TARGETS:
         raise PlanError(f"target must be one of {TARGETS}, got {target!r}")
     if not 0.0 < fraction <= 1.0:
@@ -407,19 +412,14 @@ def plan_to_target(
     args = dict(cm=cm, scores=scores, target=target, eta=eta, table=latency_table,
                 unit={**DEFAULT_UNIT, **(unit or {})}, min_width={**DEFAULT_MIN_WIDTH, **(min_width or {})},
                 round_to=round_to, kinds=kinds, mode=mode, normalize=normalize, batch_units=batch_units)
-    if not (calibrate and target == "latency"):
-        plan, widths, cost, dense = _plan_once(fraction=fraction, **args)
-        if history is not None:
-            history.append({"planned_fraction": fraction, "predicted": cost / dense, "widths": widths})
-        return plan
-    return _calibrated(analysis, fraction, args, calibrate_rounds, calibrate_tol, history)
+    return args
 
 
 def _complete_scores(analysis: "Analysis", scores: Optional[Mapping[str, Any]], kinds: Sequence[str]) -> dict:
     scores = {k: v for k, v in (scores or {}).items() if v is not None}
     missing = [g.id for g in analysis.groups if g.kind in kinds and g.id not in scores]
     if missing:
-        from vitgraph.passes.magnitude import magnitude_scores
+        from vitgraph.planning.magnitude import magnitude_scores
 
         scores.update(magnitude_scores(analysis, missing))
     return scores
@@ -474,7 +474,7 @@ def _unit_score(st: _GroupState, nxt: int, states: dict[str, _GroupState]) -> fl
     return float(st.scores[kept[:drop]].sum())
 
 
-def _plan_once(cm: CostModel, scores: dict, target: str, fraction: float, eta: float, table: Optional["LatencyTable"],
+def plan_once(cm: CostModel, scores: dict, target: str, fraction: float, eta: float, table: Optional["LatencyTable"],
                unit: Mapping[str, int], min_width: Mapping[str, int], round_to: int, kinds: Sequence[str],
                mode: str, normalize: bool, batch_units: int) -> tuple[Plan, dict[str, int], float, float]:
     states = _states(cm, scores, unit, min_width, round_to, kinds, normalize)
@@ -577,94 +577,3 @@ def _to_plan(analysis: "Analysis", states: dict[str, _GroupState]) -> Plan:
         else:
             plan.kept[gid] = sorted(int(i) for i in st.order[st.g.size - st.width:])
     return plan
-
-
-# ---------------------------------------------------------------------------------------------
-# closed loop on latency
-
-
-def measure_fraction(
-    model: nn.Module, slim: nn.Module, table: "LatencyTable", input_shape: Sequence[int],
-    reps: int = 5, rounds: int = 5, cache: Optional[dict] = None,
-) -> tuple[float, float, float]:
-    """(slim / dense latency, dense ms, slim ms): medians of interleaved runs on the table's runtime.
-
-    ``cache`` (a dict kept by the caller) holds the dense model's runner between calls.
-    """
-    from .measure import measure_latency, ort_runner, torch_runner
-
-    cache = {} if cache is None else cache
-    x = torch.randn(table.batch, *input_shape[1:])
-    cuda = table.runtime.endswith("cuda")
-    if table.threads is not None:
-        torch.set_num_threads(table.threads)
-    if table.runtime.startswith("torch"):
-        dev = "cuda" if cuda else "cpu"
-        xd = x.to(dev)
-        if "dense" not in cache:
-            cache["dense"] = torch_runner(model.to(dev).eval(), xd)
-        fns = {"dense": cache["dense"], "slim": torch_runner(slim.to(dev).eval(), xd)}
-    else:
-        from .export import export_onnx
-
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-        with tempfile.TemporaryDirectory() as d:
-            if "dense" not in cache:
-                export_onnx(model, Path(d) / "dense.onnx", (x[:1],), check=False)
-                cache["dense"] = ort_runner(Path(d) / "dense.onnx", x, providers=providers, threads=table.threads)
-            export_onnx(slim, Path(d) / "slim.onnx", (x[:1],), check=False)
-            fns = {"dense": cache["dense"],
-                   "slim": ort_runner(Path(d) / "slim.onnx", x, providers=providers, threads=table.threads)}
-    stats = measure_latency(fns, warmup=2, reps=reps, rounds=rounds)
-    return stats["slim"].median_ms / stats["dense"].median_ms, stats["dense"].median_ms, stats["slim"].median_ms
-
-
-def _next_fraction(tried: list, fraction: float) -> float:
-    """Next planning fraction: a secant step through the last two (planned, measured) points, or a
-    proportional step (measured latency taken as proportional to planned) when the secant's slope
-    is implausible (measurement noise)."""
-    f, a = tried[-1][0], tried[-1][1]
-    step = f * fraction / a if a > 0 else f
-    if len(tried) >= 2:
-        f0, a0 = tried[-2][0], tried[-2][1]
-        if f != f0:
-            slope = (a - a0) / (f - f0)
-            if 0.3 <= slope <= 3.0:
-                step = f + (fraction - a) / slope
-    return min(1.0, max(0.02, step))
-
-
-def _calibrated(analysis: "Analysis", fraction: float, args: dict, rounds: int, tol: float,
-                history: Optional[list]) -> Plan:
-    from .api import compress
-
-    model = analysis.model
-    if model is None:
-        raise PlanError("calibrate=True needs the analysed model alive (keep a reference to it)")
-    table = args["table"]
-    tried: list[tuple[float, float, Plan]] = []  # (planning fraction, measured fraction, plan)
-    f = fraction
-    best: Optional[tuple[float, Plan]] = None
-    cache: dict = {}
-    for i in range(max(1, rounds)):
-        try:
-            plan, widths, cost, dense = _plan_once(fraction=f, **args)
-        except PlanError:
-            if not tried:
-                raise
-            break
-        slim = compress(model, plan, analysis)
-        achieved, dense_ms, slim_ms = measure_fraction(model, slim, table, analysis.input_shapes[0], cache=cache)
-        if history is not None:
-            history.append({"round": i, "planned_fraction": f, "predicted": cost / dense, "achieved": achieved,
-                            "dense_ms": dense_ms, "slim_ms": slim_ms, "widths": widths})
-        err = abs(achieved - fraction)
-        if best is None or err < best[0]:
-            best = (err, plan)
-        if err <= tol * fraction:
-            break
-        tried.append((f, achieved, plan))
-        f = _next_fraction(tried, fraction)
-        if any(abs(f - t[0]) < 1e-4 for t in tried):
-            break
-    return best[1]  # type: ignore[index]  (the first round always sets it)

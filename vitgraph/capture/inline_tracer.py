@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch.fx.proxy import Attribute
 from torch.nn.utils.stateless import _reparametrize_module
 
-from .trace import ViTTracer
+from vitgraph.capture.tracer import ViTTracer
 
 Pair = Optional[tuple[Any, Any]]  # meta tensors, or plain values (sizes, tuples of both)
 

@@ -5,7 +5,7 @@ from typing import Optional
 
 import numpy as np
 
-from .axes import AxisStore, Layout
+from vitgraph.analysis.axes import AxisStore, Layout
 
 
 class RaggedSectionsError(ValueError):

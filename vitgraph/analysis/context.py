@@ -7,7 +7,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from .axes import AxisStore, Layout, Why, single
+from vitgraph.analysis.axes import AxisStore, Layout, Why, single
 
 META_KEY = "vitgraph.dims"
 
@@ -80,6 +80,34 @@ class RuleContext:
     def role(self, layout: Optional[Layout], role: str) -> None:
         """Record the role an axis plays (qk, v, head, norm, add, linear_in, linear_out)."""
         self.store.add_role(layout, role)
+
+    def new_axis(self, size: int, origin: str) -> int:
+        """A new axis (its id), for rules that build products or refinements themselves."""
+        return self.store.new(size, origin)
+
+    def define(self, axis: int, layout: Layout, rule: str, detail: str = "") -> None:
+        """Say that ``axis`` is the concatenation/product ``layout`` of other axes."""
+        self.store.define(axis, layout, self.why(rule, detail))
+
+    def union(self, a: int, b: int, rule: str) -> None:
+        """Tie two single axes."""
+        self.store.union(a, b, self.why(rule))
+
+    def split_off(self, axis: int, first: int, rule: str) -> tuple[int, int]:
+        """Refine ``axis`` into ``(first, rest)`` (see :meth:`AxisStore.split_off`)."""
+        return self.store.split_off(axis, first, f"factor of axis {axis}", self.why(rule, "split"))
+
+    def part_index(self, axis: int, parts: tuple[int, ...]) -> tuple[int, int]:
+        """Index and inner axes of a concatenation of equal parts (see :meth:`AxisStore.part_index`)."""
+        return self.store.part_index(axis, parts, f"axis {axis}")
+
+    def mark_stale(self, outer: int, inner: list[int], maps: list[dict[int, int]]) -> None:
+        """Record that the inner axes of ``outer`` were replaced by per-section copies."""
+        self.store.mark_stale(outer, inner, maps)
+
+    def into_sections(self, parent: int, outer: int, inner: list[int], maps: list[dict[int, int]]) -> None:
+        """Record per-section copies of a refined axis (see :meth:`AxisStore.into_sections`)."""
+        self.store.into_sections(parent, outer, inner, maps, self.why("section"))
 
     def param(self, qualname: str) -> TensorDims:
         """Dims of a parameter or buffer: one fresh axis per dimension, created once."""

@@ -12,13 +12,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from . import rules_nn  # noqa: F401  (registers the layer rules)
-from .axes import AxisStore, Layout
-from .context import META_KEY, RuleContext, TensorDims
-from .errors import AnalysisError, TraceError
-from .gc_hold import holds_existing_objects
-from .rules import get_attr_dims, lookup_rule, no_rule, output_dims, placeholder_dims
-from .trace import trace
+import vitgraph.analysis.ops  # noqa: F401  (declares every op)
+from vitgraph.analysis.axes import AxisStore, Layout
+from vitgraph.analysis.context import META_KEY, RuleContext, TensorDims
+from vitgraph.errors import AnalysisError, TraceError
+from vitgraph.gc_hold import holds_existing_objects
+from vitgraph.analysis.ops.common import get_attr_dims, no_rule, output_dims, placeholder_dims
+from vitgraph.analysis.ops.registry import lookup_rule
+from vitgraph.capture.trace import trace
 
 KINDS = ("residual", "head", "qk", "v", "ffn", "other")
 
@@ -220,7 +221,7 @@ def analyze(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch
     if not isinstance(prune_outputs, bool):
         raise TraceError(f"prune_outputs must be True or False, got {prune_outputs!r}")
     inputs = as_inputs(example_inputs)
-    gm = trace(model, inputs)
+    gm = trace(model, inputs, known=lambda g, n: lookup_rule(g, n) is not None)
     store = AxisStore()
     ctx = RuleContext(gm, store)
     ctx.protect_outputs = not prune_outputs

@@ -122,6 +122,39 @@ class AxisStore:
             self.graph.add_edge(a, x, why=why, kind="refines")
 
     # -- structure queries --------------------------------------------------------------------
+    def split_off(self, a: int, first: int, origin: str, why: Why) -> tuple[int, int]:
+        """Refine axis ``a`` (undefined) into ``(first, size // first)``: returns the two new axes;
+        the leading one remembers it was split from ``a`` (so sections of it can be taken)."""
+        x = self.new(first, origin)
+        y = self.new(self.size[a] // first, origin)
+        self.define(a, ((x, y),), why)
+        self.outer_of[x] = a
+        return x, y
+
+    def part_index(self, a: int, parts: tuple[int, ...], origin: str) -> tuple[int, int]:
+        """Axes for a concatenation ``a`` of equal ``parts`` viewed as ``(len(parts), part)``: the
+        index of the part, and an inner axis that stands for each part in turn (resolved to the
+        part when the index dim is unbound)."""
+        x = self.new(len(parts), f"part index of {origin}")
+        y = self.new(self.size[a] // len(parts), f"part of {origin}")
+        self.outer_of[x] = a
+        self.concat_parts[x] = (y, parts)
+        return x, y
+
+    def mark_stale(self, outer: int, inner: list[int], maps: list[dict[int, int]]) -> None:
+        """The inner axes of ``outer`` were replaced by per-section copies (``maps[i][x]``)."""
+        for x in inner:
+            self.stale[x] = [m[x] for m in maps]
+        self.stale[outer] = []
+
+    def into_sections(self, parent: int, outer: int, inner: list[int], maps: list[dict[int, int]], why: Why) -> None:
+        """Redefine ``parent`` (``outer`` x ``inner``) as the concatenation of per-section copies
+        of its inner axes (``maps[i]``: inner axis -> its copy in section ``i``); the replaced
+        axes are marked stale and point at their copies."""
+        self.mark_stale(outer, inner, maps)
+        self.defs[parent] = tuple(tuple(m[x] for x in inner) for m in maps)
+        self.graph.add_edges_from(((parent, y) for m in maps for y in m.values()), why=why, kind="refines")
+
     def axes_of(self, layout: Layout, leaves: bool) -> Iterator[int]:
         """Axes named in ``layout``; with ``leaves`` also those inside definitions."""
         seen: set[int] = set()

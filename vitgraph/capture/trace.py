@@ -1,145 +1,21 @@
 """Tracing a model to a torch.fx GraphModule annotated with tensor shapes."""
 from __future__ import annotations
 
-import contextlib
+import functools
 import linecache
 import traceback
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
-import torch.fx._symbolic_trace as _fx_trace
 from torch import nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from .lowering import VALUE_KEY, inline_opaque, lower, preserved_state
-from .shape_memo import ShapeMemo
-from .errors import TraceError
-
-
-def _timm_registries() -> tuple[set[type], set[Callable]]:
-    """timm's registered not-traceable modules and functions (empty without timm)."""
-    try:
-        from timm.layers import _fx
-    except ImportError:  # pragma: no cover - timm is a dependency, but keep tracing usable
-        return set(), set()
-    return set(getattr(_fx, "_leaf_modules", ())), set(getattr(_fx, "_autowrap_functions", ()))
-
-
-GROWN_SHAPE_KEY = "vitgraph.grown_shape"  # a node's tensor shape at the example batch + 1
-
-
-def assert_is_none(value: Any, msg: str) -> None:
-    """The guard on an argument traced as ``None`` (fx's ``_assert_is_none``), as a leaf that
-    records itself when called on a Proxy, so re-tracing a graph that holds it needs no entry
-    in fx's table of wrapped functions.
-
-    fx's own ``_assert_is_none`` is registered with ``torch.fx.wrap`` and printed in generated
-    code under its dotted name.  Re-tracing such a graph (``torch.load`` of a pickled
-    GraphModule re-traces its code; so does ``symbolic_trace`` of a GraphModule) marks the node
-    ``is_wrapped``, and the recompiled code then runs
-    ``wrap("torch.fx._symbolic_trace._assert_is_none")``: an entry keyed by a dotted name that no
-    globals dict holds, so every later trace in the process fails with a ``KeyError``.
-    """
-    if isinstance(value, fx.Proxy):
-        return value.tracer.create_proxy("call_function", assert_is_none, (value, msg), {})
-    if value is not None:
-        raise AssertionError(msg)
-    return None
-
-
-# torch functions fx wraps that tracing itself puts in graphs, and the leaves that replace them
-_SAFE_LEAVES: dict[Callable, Callable] = {_fx_trace._assert_is_none: assert_is_none}
-
-
-def _use_safe_leaves(graph: fx.Graph) -> None:
-    for n in graph.nodes:
-        if n.op != "call_function":
-            continue
-        for fx_fn, leaf in _SAFE_LEAVES.items():  # (by identity; fx's patched wrapper of it too)
-            if n.target is fx_fn or getattr(n.target, "__wrapped__", None) is fx_fn:
-                n.target = leaf
-                n.meta.pop("is_wrapped", None)
-
-
-@contextlib.contextmanager
-def _without_dead_wraps() -> Iterator[None]:
-    """Trace with fx's wrapped-function table minus the entries that cannot be patched.
-
-    An entry whose name is neither in its globals nor a builtin makes every trace fail with a
-    ``KeyError`` (see :func:`assert_is_none`; loading a GraphModule pickled by another tool or an
-    older vitgraph adds them).  They are set aside while vitgraph traces and put back after, so
-    fx's table is left as it was found.
-    """
-    import builtins
-
-    table = _fx_trace._wrapped_fns_to_patch
-    dead = {k: d for k, d in list(table.items()) if k[1] not in d and not hasattr(builtins, k[1])}
-    for k in dead:
-        del table[k]
-    try:
-        yield
-    finally:
-        for k, d in dead.items():
-            table.setdefault(k, d)
-
-
-class ViTTracer(fx.Tracer):
-    """fx tracer that records which module is being traced, so errors can name it.
-
-    With ``honour_timm`` the modules and functions that timm registers as not traceable stay
-    opaque (leaf modules / wrapped calls); otherwise every Python module is traced through.
-    """
-
-    def __init__(self, honour_timm: bool = False) -> None:
-        leaves, funcs = _timm_registries() if honour_timm else (set(), set())
-        super().__init__(autowrap_functions=tuple(funcs))
-        self._leaf_types = tuple(leaves)
-        self.module_path: list[str] = []
-        self.failed_in: Optional[str] = None
-
-    def trace(self, root: Any, concrete_args: Optional[dict[str, Any]] = None) -> fx.Graph:
-        """fx tracing, immune to dead entries in fx's wrapped-function table; fx's own guard
-        functions in the result are replaced by leaves that re-trace safely."""
-        with _without_dead_wraps():
-            graph = super().trace(root, concrete_args)
-        _use_safe_leaves(graph)
-        return graph
-
-    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
-        """Parameters and buffers become get_attr nodes (found by identity in O(1), not by a scan)."""
-        if not isinstance(attr_val, torch.Tensor):
-            return attr_val
-        if getattr(self, "_names_root", None) is not self.root:
-            names: dict[int, str] = {}
-            for n, p in self.root.named_parameters():
-                names.setdefault(id(p), n)
-            if self.proxy_buffer_attributes:
-                for n, b in self.root.named_buffers():
-                    names.setdefault(id(b), n)
-            self._names, self._names_root = names, self.root
-        n = self._names.get(id(attr_val))
-        if n is None:
-            return attr_val
-        if n not in parameter_proxy_cache:
-            parameter_proxy_cache[n] = self.create_proxy("get_attr", n, (), {})
-        return parameter_proxy_cache[n]
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if self._leaf_types and isinstance(m, self._leaf_types):
-            return True
-        return super().is_leaf_module(m, qualname)
-
-    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        self.module_path.append(self.path_of_module(m))
-        try:
-            return super().call_module(m, forward, args, kwargs)
-        except Exception:
-            if self.failed_in is None:
-                self.failed_in = self.module_path[-1]  # the innermost module, recorded once
-            raise
-        finally:
-            self.module_path.pop()
+from vitgraph.capture.inlining import inline_opaque
+from vitgraph.capture.lowering import lower
+from vitgraph.capture.tracer import _SAFE_LEAVES, GROWN_SHAPE_KEY, VALUE_KEY, ViTTracer, preserved_state
+from vitgraph.capture.shape_memo import ShapeMemo
+from vitgraph.errors import TraceError
 
 
 def _user_frame(exc: BaseException) -> str:
@@ -184,13 +60,19 @@ def _trace_once(model: nn.Module, honour_timm: bool, n_inputs: int = 1) -> fx.Gr
         ) from e
 
 
-def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor],
+          known: Optional[Callable[[fx.GraphModule, fx.Node], bool]] = None) -> fx.GraphModule:
     """Trace ``model`` and annotate every node with its tensor metadata (``node.meta['tensor_meta']``).
+
+    ``known(gm, node)`` says whether the analysis knows an op's channel semantics (its op
+    registry); opaque calls it does not know are inlined where their code allows.  Without it
+    every opaque call is tried.
 
     Tracing first goes through every module; if that fails it retries with timm's registered
     leaf modules and wrapped functions kept opaque (their channels are then frozen by the
     analysis), and raises :class:`TraceError` naming the module and source line if both fail.
     """
+    is_opaque = functools.partial(_is_opaque, known=known)
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -205,8 +87,8 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphM
         lower(gm)
         _propagate_shapes(gm, example_inputs)
         for _ in range(4):  # an inlined call's nodes get shapes before the calls they feed are tried
-            if not (any(_is_opaque(n) for n in gm.graph.nodes) and _probe_batch_values(gm, example_inputs)
-                    and inline_opaque(gm, _is_opaque)):
+            if not (any(is_opaque(n) for n in gm.graph.nodes) and _probe_batch_values(gm, example_inputs)
+                    and inline_opaque(gm, is_opaque)):
                 break
             lower(gm)
             _propagate_shapes(gm, example_inputs)
@@ -254,10 +136,8 @@ def _probe_batch_values(gm: fx.GraphModule, example_inputs: Sequence[torch.Tenso
     return True
 
 
-def _is_opaque(node: fx.Node) -> bool:
-    """A call the tracer did not enter (a leaf module or a wrapped function) with no op rule."""
-    from .rules import lookup_rule
-
+def _is_opaque(node: fx.Node, known: Optional[Callable[[fx.GraphModule, fx.Node], bool]]) -> bool:
+    """A call the tracer did not enter (a leaf module or a wrapped function) that ``known`` does not know."""
     gm = node.graph.owning_module
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
@@ -271,7 +151,7 @@ def _is_opaque(node: fx.Node) -> bool:
             return False  # (torchvision's wrapped functions are not torch's own: they may be inlined)
     else:
         return False
-    return lookup_rule(gm, node) is None
+    return known is None or not known(gm, node)
 
 
 def _record(n: fx.Node, result: Any) -> None:
@@ -300,7 +180,7 @@ class RealShapeProp(fx.Interpreter):
 class MetaShapeProp(fx.Interpreter):
     """Shape propagation on the meta device: no data is computed, parameters are not copied.
     A pure call that repeats one already made on inputs of the same metadata (the same layer
-    in every block) is answered from a memo (see :mod:`vitgraph.shape_memo`)."""
+    in every block) is answered from a memo (see :mod:`vitgraph.capture.shape_memo`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .flops import FlopCounter
+from vitgraph.deploy.flops import FlopCounter
 
 __all__ = [
     "LatencyStats",
@@ -46,7 +46,7 @@ def count_params(module: nn.Module) -> int:
 
 
 def count_flops(module: nn.Module, example_inputs: tuple[Any, ...] | torch.Tensor) -> int:
-    """FLOPs of one forward pass at ``example_inputs`` by vitgraph's convention (``vitgraph.flops``).
+    """FLOPs of one forward pass at ``example_inputs`` by vitgraph's convention (``vitgraph.deploy.flops``).
 
     One multiply-add is 2 FLOPs, so FLOPs = 2 * MACs: a Linear(i, o) on a (n, i) input is 2*n*i*o.
     Counted ops are matmuls, convolutions and attention (q@k^T and attn@v, 2*B*H*N*N*d each, fused

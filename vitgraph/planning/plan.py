@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence, Un
 import numpy as np
 import torch
 
-from .errors import PlanError
-from .gc_hold import holds_existing_objects
-from .selection import Selection
+from vitgraph.errors import PlanError
+from vitgraph.gc_hold import holds_existing_objects
+from vitgraph.analysis.selection import Selection
 
 if TYPE_CHECKING:
-    from .analysis import Analysis, ChannelGroup
+    from vitgraph.analysis.engine import Analysis, ChannelGroup
 
 Keep = Union[list[int], list[list[int]]]
 DEFAULT_KINDS = ("residual", "head", "qk", "v", "ffn")
@@ -138,7 +138,7 @@ class Plan:
         scores = dict(scores or {})
         missing = [g.id for g in analysis.groups if g.kind in kinds and scores.get(g.id) is None]
         if missing:
-            from vitgraph.passes.magnitude import magnitude_scores
+            from vitgraph.planning.magnitude import magnitude_scores
 
             scores.update(magnitude_scores(analysis, missing))
         plan = cls.keep_all(analysis)
@@ -312,7 +312,7 @@ def _plain(x: Any) -> Any:
 
 
 def _check_analysis(analysis: Any) -> None:
-    from .analysis import Analysis
+    from vitgraph.analysis.engine import Analysis
 
     if not isinstance(analysis, Analysis):
         raise PlanError(f"expected a vitgraph.Analysis (from vitgraph.analyze), got {type(analysis).__name__}")

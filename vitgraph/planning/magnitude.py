@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Iterable, Optional
 import numpy as np
 import torch
 
-from vitgraph.selection import layout_coords
+from vitgraph.analysis.selection import layout_coords
 
 if TYPE_CHECKING:
-    from vitgraph.analysis import Analysis, ChannelGroup
+    from vitgraph.analysis.engine import Analysis, ChannelGroup
 
 
 def magnitude_scores(analysis: "Analysis", group_ids: Optional[Iterable[str]] = None) -> dict[str, torch.Tensor]:

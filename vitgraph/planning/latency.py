@@ -65,7 +65,7 @@ def _eltwise_points(n: float) -> tuple[int, int]:
 
 def machine_key(runtime: str, threads: Optional[int]) -> str:
     """Short hash naming the machine, runtime and library versions a table was measured on."""
-    from .measure import machine_info
+    from vitgraph.deploy.measure import machine_info
 
     info = machine_info()
     parts = [runtime, str(info["cpu"]), str(info["usable_cores"]), str(info["torch"]), str(info["onnxruntime"]),

@@ -1,0 +1,103 @@
+"""Element-wise ops (activations, arithmetic, comparisons, casts), softmax and the *_like constructors."""
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from vitgraph.analysis.context import RuleContext, TensorDims
+from vitgraph.analysis.ops.registry import declare
+from vitgraph.analysis.ops.common import arg, broadcast, no_rule, norm_dim, tensor_args
+
+
+_POINTWISE_FUNCS = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.floordiv,
+    operator.pow, operator.iadd, operator.imul,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.exp, torch.log, torch.sigmoid,
+    torch.tanh, torch.relu, torch.sqrt, torch.rsqrt, torch.abs, torch.clamp, torch.where,
+    torch.sin, torch.cos, torch.pow, torch.erf, torch.maximum, torch.minimum,
+    F.gelu, F.silu, F.relu, F.relu6, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.mish,
+    F.elu, F.leaky_relu, F.dropout, F.softplus, F.hardtanh,
+    operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+    torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
+    torch.square, torch.addcmul, torch.addcdiv, torch.lerp, torch.reciprocal, torch.sign,
+    torch.log1p, torch.expm1,
+]
+
+
+_POINTWISE_METHODS = [
+    "add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_", "neg", "exp", "log", "sigmoid",
+    "tanh", "relu", "sqrt", "rsqrt", "abs", "clamp", "pow", "sin", "cos",
+    "float", "half", "bfloat16", "double", "to", "type", "contiguous", "clone",
+    "detach", "masked_fill", "masked_fill_", "erf", "sign", "reciprocal", "square", "clamp_min",
+    "clamp_max", "__add__", "__mul__", "__rmul__", "__radd__", "sigmoid_", "gelu", "silu",
+    "eq", "ne", "lt", "le", "gt", "ge",
+]
+
+
+_POINTWISE_MODULES = [
+    nn.Dropout, nn.Identity, nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid,
+    nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.ELU, nn.LeakyReLU, nn.Dropout2d,
+    nn.Dropout1d, nn.Softplus, nn.Hardtanh,
+]
+
+
+def pointwise(ctx: RuleContext, node: fx.Node) -> Any:
+    """Elementwise ops (with broadcasting) tie the channels of their operands."""
+    ops = tensor_args(ctx, node)
+    shp = ctx.out_shape()
+    if not ops or shp is None or (shp and isinstance(shp[0], tuple)):
+        return None if not ops else no_rule(ctx, node)
+    live = [td for td in ops if td.live]
+    td = broadcast(ctx, ops, shp, "elementwise")
+    if node.target in (operator.add, torch.add, "add", "add_", operator.iadd, "__add__", "__radd__") and len(live) >= 2:
+        for lay in td.dims:
+            ctx.role(lay, "add")
+    return td
+
+
+def softmax_rule(ctx: RuleContext, node: fx.Node) -> Any:
+    """Softmax keeps dims; channels it normalises over (channel attention) get the norm role."""
+    x = ctx.dims(node.args[0])
+    if node.op == "call_module":
+        dim = getattr(ctx.gm.get_submodule(node.target), "dim", None)
+    else:
+        dim = arg(node, 1, "dim")
+    if dim is None or not isinstance(x, TensorDims):
+        return no_rule(ctx, node)
+    ctx.role(x.dims[norm_dim(int(dim), len(x.shape))], "norm")
+    return x
+
+
+def like_rule(ctx: RuleContext, node: fx.Node) -> Any:
+    """``zeros_like(x)`` and friends: a constant whose shape follows ``x`` at run time, so its
+    channels stay tied to ``x``'s (for ``new_zeros``, only when the shape is ``x``'s)."""
+    x = ctx.dims(node.args[0])
+    if not isinstance(x, TensorDims):
+        return no_rule(ctx, node)
+    if isinstance(node.target, str) and node.target.startswith("new_"):
+        size = node.args[1:] if len(node.args) > 1 else (node.kwargs.get("size"),)
+        flat = list(size[0]) if len(size) == 1 and isinstance(size[0], (list, tuple)) else list(size)
+        shp = ctx.out_shape()
+        if shp is not None and flat and all(isinstance(v, int) for v in flat):
+            return TensorDims(shp, (None,) * len(shp), False)  # a constant shape: no channels
+        return no_rule(ctx, node)
+    return TensorDims(x.shape, x.dims, False)
+
+
+def type_as_rule(ctx: RuleContext, node: fx.Node) -> Any:
+    """``a.type_as(b)`` casts ``a``; ``b`` only lends its dtype."""
+    return ctx.dims(node.args[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# declarations
+
+declare(*_POINTWISE_FUNCS, *_POINTWISE_METHODS, *_POINTWISE_MODULES, rule=pointwise)
+declare(F.softmax, F.log_softmax, "softmax", "log_softmax", nn.Softmax, nn.LogSoftmax, rule=softmax_rule)
+declare(torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like, "new_zeros", "new_ones", rule=like_rule)
+declare("type_as", rule=type_as_rule)

@@ -1,0 +1,148 @@
+"""Plans to a target, closed on measured latency when asked: planning, compression and measurement.
+
+:func:`plan_to_target` is :func:`vitgraph.planning.planner.plan_to_target` (FLOPs, parameters or
+latency predicted by a :class:`~vitgraph.planning.latency.LatencyTable`) plus ``calibrate=True``:
+the analysed model is compressed, measured against the dense model on the table's runtime, and
+the planning fraction corrected by secant steps.  It lives outside ``vitgraph.planning`` because
+it runs the rewrite passes and the exporter.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from vitgraph.api import compress
+from vitgraph.errors import PlanError
+from vitgraph.planning import planner
+from vitgraph.planning.plan import Plan
+
+if TYPE_CHECKING:
+    from vitgraph.analysis.engine import Analysis
+    from vitgraph.planning.latency import LatencyTable
+
+
+def plan_to_target(
+    analysis: "Analysis",
+    scores: Optional[Mapping[str, Any]] = None,
+    target: str = "flops",
+    fraction: float = 0.5,
+    eta: float = 5e-4,
+    latency_table: Optional["LatencyTable"] = None,
+    unit: Optional[Mapping[str, int]] = None,
+    min_width: Optional[Mapping[str, int]] = None,
+    round_to: int = 1,
+    kinds: Optional[Sequence[str]] = None,
+    mode: str = "global",
+    normalize: bool = True,
+    batch_units: int = 8,
+    calibrate: bool = False,
+    calibrate_rounds: int = 4,
+    calibrate_tol: float = 0.02,
+    history: Optional[list] = None,
+) -> Plan:
+    """A plan whose ``target`` cost is at most ``fraction`` of the dense model's.
+
+    The options are :func:`vitgraph.planning.planner.plan_to_target`'s.  With ``target="latency"``,
+    ``calibrate=True`` compresses the analysed model, measures it against the dense model on the
+    table's runtime and corrects the planning fraction by secant steps (at most
+    ``calibrate_rounds`` measurements), returning the plan measured closest to the target (within
+    ``calibrate_tol`` of it stops early).  ``history`` (a list) receives one dict per round.
+    """
+    opts = dict(eta=eta, latency_table=latency_table, unit=unit, min_width=min_width, round_to=round_to,
+                kinds=kinds, mode=mode, normalize=normalize, batch_units=batch_units)
+    if not (calibrate and target == "latency"):
+        return planner.plan_to_target(analysis, scores, target, fraction, history=history, **opts)
+    args = planner.planning_args(analysis, scores, target, fraction, **opts)
+    return _calibrated(analysis, fraction, args, calibrate_rounds, calibrate_tol, history)
+
+
+# ---------------------------------------------------------------------------------------------
+# closed loop on latency
+
+
+def measure_fraction(
+    model: nn.Module, slim: nn.Module, table: "LatencyTable", input_shape: Sequence[int],
+    reps: int = 5, rounds: int = 5, cache: Optional[dict] = None,
+) -> tuple[float, float, float]:
+    """(slim / dense latency, dense ms, slim ms): medians of interleaved runs on the table's runtime.
+
+    ``cache`` (a dict kept by the caller) holds the dense model's runner between calls.
+    """
+    from vitgraph.deploy.measure import measure_latency, ort_runner, torch_runner
+    from vitgraph.deploy.export import export_onnx
+
+    cache = {} if cache is None else cache
+    x = torch.randn(table.batch, *input_shape[1:])
+    cuda = table.runtime.endswith("cuda")
+    if table.threads is not None:
+        torch.set_num_threads(table.threads)
+    if table.runtime.startswith("torch"):
+        dev = "cuda" if cuda else "cpu"
+        xd = x.to(dev)
+        if "dense" not in cache:
+            cache["dense"] = torch_runner(model.to(dev).eval(), xd)
+        fns = {"dense": cache["dense"], "slim": torch_runner(slim.to(dev).eval(), xd)}
+    else:
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
+        with tempfile.TemporaryDirectory() as d:
+            if "dense" not in cache:
+                export_onnx(model, Path(d) / "dense.onnx", (x[:1],), check=False)
+                cache["dense"] = ort_runner(Path(d) / "dense.onnx", x, providers=providers, threads=table.threads)
+            export_onnx(slim, Path(d) / "slim.onnx", (x[:1],), check=False)
+            fns = {"dense": cache["dense"],
+                   "slim": ort_runner(Path(d) / "slim.onnx", x, providers=providers, threads=table.threads)}
+    stats = measure_latency(fns, warmup=2, reps=reps, rounds=rounds)
+    return stats["slim"].median_ms / stats["dense"].median_ms, stats["dense"].median_ms, stats["slim"].median_ms
+
+
+def _next_fraction(tried: list, fraction: float) -> float:
+    """Next planning fraction: a secant step through the last two (planned, measured) points, or a
+    proportional step (measured latency taken as proportional to planned) when the secant's slope
+    is implausible (measurement noise)."""
+    f, a = tried[-1][0], tried[-1][1]
+    step = f * fraction / a if a > 0 else f
+    if len(tried) >= 2:
+        f0, a0 = tried[-2][0], tried[-2][1]
+        if f != f0:
+            slope = (a - a0) / (f - f0)
+            if 0.3 <= slope <= 3.0:
+                step = f + (fraction - a) / slope
+    return min(1.0, max(0.02, step))
+
+
+def _calibrated(analysis: "Analysis", fraction: float, args: dict, rounds: int, tol: float,
+                history: Optional[list]) -> Plan:
+    model = analysis.model
+    if model is None:
+        raise PlanError("calibrate=True needs the analysed model alive (keep a reference to it)")
+    table = args["table"]
+    tried: list[tuple[float, float, Plan]] = []  # (planning fraction, measured fraction, plan)
+    f = fraction
+    best: Optional[tuple[float, Plan]] = None
+    cache: dict = {}
+    for i in range(max(1, rounds)):
+        try:
+            plan, widths, cost, dense = planner.plan_once(fraction=f, **args)
+        except PlanError:
+            if not tried:
+                raise
+            break
+        slim = compress(model, plan, analysis)
+        achieved, dense_ms, slim_ms = measure_fraction(model, slim, table, analysis.input_shapes[0], cache=cache)
+        if history is not None:
+            history.append({"round": i, "planned_fraction": f, "predicted": cost / dense, "achieved": achieved,
+                            "dense_ms": dense_ms, "slim_ms": slim_ms, "widths": widths})
+        err = abs(achieved - fraction)
+        if best is None or err < best[0]:
+            best = (err, plan)
+        if err <= tol * fraction:
+            break
+        tried.append((f, achieved, plan))
+        f = _next_fraction(tried, fraction)
+        if any(abs(f - t[0]) < 1e-4 for t in tried):
+            break
+    return best[1]  # type: ignore[index]  (the first round always sets it)
