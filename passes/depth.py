@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Union
 
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitgraph.analysis.context import META_KEY, TensorDims, node_shapes
+from vitgraph.analysis.ops import OPS
 from vitgraph.errors import PlanError
 from vitgraph.passes.scoring_common import cycle, split_batch
 
@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_ADDS = {operator.add, torch.add, operator.iadd}
 EXIT_PREFIX = "vitgraph_exits"
 BlockRef = Union[str, int]
 
@@ -73,7 +72,9 @@ def _module_path(node: fx.Node) -> Optional[str]:
 
 
 def _is_add(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _ADDS) or (node.op == "call_method" and node.target == "add")
+    """An op the registry declares a residual add (``x + f(x)`` in any of its spellings)."""
+    spec = OPS.get(node.target) if node.op in ("call_function", "call_method") else None
+    return spec is not None and spec.residual_add
 
 
 def _is_ancestor(a: fx.Node, b: fx.Node, order: dict[fx.Node, int]) -> bool:

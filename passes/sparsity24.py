@@ -23,14 +23,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
-import operator
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from vitgraph.analysis.ops import OPS
+from vitgraph.capture.targets import module_entry
 from vitgraph.deploy.onnx24 import shape_skip_reason
 
 __all__ = [
@@ -63,19 +63,6 @@ _HESSIAN_HELP = (
     "(weight * grad)^2 (empirical Fisher, NViT style) over a few calibration batches"
 )
 
-# Modules that act elementwise on channels (f(x)[..., c] depends only on x[..., c]),
-# so permuting channels before them equals permuting after them.
-ELEMENTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Identity, nn.Dropout, nn.AlphaDropout, nn.GELU, nn.ReLU, nn.ReLU6,
-    nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softsign, nn.Tanhshrink,
-)
-_ELEMENTWISE_FUNCTIONS: frozenset[Callable] = frozenset({
-    F.gelu, F.relu, F.relu6, F.silu, F.mish, F.elu, F.selu, F.celu, F.leaky_relu, F.hardswish,
-    F.hardsigmoid, F.hardtanh, F.softplus, F.softsign, F.dropout, F.tanh, F.sigmoid,
-    torch.relu, torch.tanh, torch.sigmoid, operator.neg,
-})
-_ELEMENTWISE_METHODS = frozenset({"relu", "sigmoid", "tanh", "neg", "contiguous"})
 
 
 @dataclass(frozen=True)
@@ -237,19 +224,21 @@ def permutation_gain(weight: torch.Tensor, *, score: torch.Tensor | None = None,
 
 def _is_elementwise(node: torch.fx.Node, modules: dict[str, nn.Module],
                     extra: tuple[type[nn.Module], ...]) -> bool:
-    """True if an fx node applies a channel-wise (elementwise) function to one tensor."""
+    """True if an fx node applies a channel-wise function to one tensor: an op declared
+    ``pointwise`` in the op registry (so permuting channels before it equals permuting after
+    it), a LayerNorm (its affine parameters are permuted too), or one of ``extra``."""
     if len(node.all_input_nodes) != 1:
         return False
     if node.op == "call_module":
         mod = modules[node.target]
-        if isinstance(mod, nn.LayerNorm):
-            return True  # handled by permuting its affine parameters
-        return isinstance(mod, ELEMENTWISE_MODULES + extra)
-    if node.op == "call_function":
-        return node.target in _ELEMENTWISE_FUNCTIONS
-    if node.op == "call_method":
-        return node.target in _ELEMENTWISE_METHODS
-    return False
+        if isinstance(mod, (nn.LayerNorm, *extra)):
+            return True
+        spec = module_entry(OPS, mod)
+    elif node.op in ("call_function", "call_method"):
+        spec = OPS.get(node.target)
+    else:
+        return False
+    return bool(spec is not None and spec.pointwise)
 
 
 def _chain_to_producer(consumer: torch.fx.Node, modules: dict[str, nn.Module],

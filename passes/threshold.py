@@ -19,7 +19,6 @@ target whatever the data); ``lambda1``/``lambda2`` follow gradient ascent (augme
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -28,16 +27,17 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Se
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from vitgraph.analysis.context import META_KEY, TensorDims
+from vitgraph.analysis.ops.registry import has_flag
 from vitgraph.errors import PlanError
 from vitgraph.deploy.flops import FlopCounter
-from vitgraph.passes.scoring_common import cycle, default_loss, split_batch
+from vitgraph.passes.gates import GateSet
+from vitgraph.passes.scoring_common import default_loss
+from vitgraph.passes.training import fit, rank_loader
 from vitgraph.planning.plan import Plan
-from vitgraph.analysis.selection import layout_coords
 
 if TYPE_CHECKING:
     from vitgraph.analysis.engine import Analysis, ChannelGroup
@@ -46,9 +46,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_KINDS = ("head", "qk", "v", "ffn")
 _ALL_KINDS = ("residual", "head", "qk", "v", "ffn", "other")
-_SDPA = {F.scaled_dot_product_attention, getattr(torch._C._nn, "scaled_dot_product_attention", None)}
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_CONV_FN = {F.conv1d, F.conv2d, F.conv3d}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,69 +119,6 @@ class _Gate:
         return int(min(self.n, max(1, k)))
 
 
-class _Index:
-    """Per-dim index arrays: position along a dim -> flat unit of a gate (``-1``: not laid out)."""
-
-    def __init__(self, analysis: "Analysis", gates: Sequence[_Gate]) -> None:
-        self.an = analysis
-        self.gates = gates
-        self.by_axis = {g.group.axis: i for i, g in enumerate(gates)}
-        self.heads = {i: analysis.group(g.group.head_group).axis for i, g in enumerate(gates) if len(g.shape) == 2}
-        self._cache: dict[Any, list[tuple[int, torch.Tensor]]] = {}
-
-    def of(self, layout: Any, uniform: bool = False) -> list[tuple[int, torch.Tensor]]:
-        """``[(gate, index)]`` for every gate laid out on a dim with this layout.
-
-        ``uniform``: the gate values will be the same for every unit (keep ratios), so a per-head
-        gate on a dim without its heads (an activation's head dim lives elsewhere) is allowed.
-        """
-        if layout is None:
-            return []
-        hit = self._cache.get((layout, uniform))
-        if hit is not None:
-            return hit
-        _, coords = layout_coords(self.an.store, layout)
-        out = []
-        for axis, c in coords.items():
-            i = self.by_axis.get(axis)
-            if i is None:
-                continue
-            g = self.gates[i]
-            if i in self.heads:
-                h = coords.get(self.heads[i])
-                if h is None and not uniform:
-                    raise PlanError(f"group {g.group.id!r}: per-head scores on a dim without its heads")
-                idx = np.where(c >= 0, c, -1) if h is None else np.where((c >= 0) & (h >= 0), h * g.n + c, -1)
-            else:
-                idx = np.where(c >= 0, c, -1)
-            if (idx >= 0).any():
-                out.append((i, torch.from_numpy(idx)))
-        self._cache[layout, uniform] = out
-        return out
-
-
-def _per_head_ok(analysis: "Analysis", g: "ChannelGroup") -> bool:
-    if not g.per_head or g.head_group is None:
-        return False
-    head_axis = analysis.group(g.head_group).axis
-    for name, dim in g.params:
-        _, coords = layout_coords(analysis.store, analysis.params[name].dims[dim])
-        if g.axis in coords and head_axis not in coords:
-            return False
-    return True
-
-
-def _dim_values(entries: list[tuple[int, torch.Tensor]], flat: Sequence[torch.Tensor], length: int) -> torch.Tensor:
-    """Per position along a dim: the product of the gate values laid out there (1 elsewhere)."""
-    out = None
-    for i, idx in entries:
-        padded = torch.cat([flat[i], flat[i].new_ones(1)])
-        idx = idx.to(padded.device)
-        v = padded[torch.where(idx >= 0, idx, padded.numel() - 1)]
-        out = v if out is None else out * v
-    return out if out is not None else flat[0].new_ones(length)
-
-
 # ---------------------------------------------------------------------------------------------
 # budget
 
@@ -193,9 +127,9 @@ class _Budget:
     """Differentiable remaining fraction of parameters or FLOPs as a function of keep ratios."""
 
     # terms: (full count, [(layout, length) of every dim whose kept fraction scales it])
-    def __init__(self, analysis: "Analysis", index: _Index, kind: str, gm: fx.GraphModule,
+    def __init__(self, analysis: "Analysis", gates: GateSet, kind: str, gm: fx.GraphModule,
                  example: Sequence[torch.Tensor]) -> None:
-        self.index = index
+        self.gates = gates
         self.kind = kind
         if kind == "params":
             self.terms = self._param_terms(analysis, gm)
@@ -225,7 +159,7 @@ class _Budget:
             if not f:
                 continue
             out = _tensor_dims(node)
-            if node.op == "call_function" and node.target in _SDPA and len(node.args) >= 3:
+            if has_flag(gm, node, "attention") and len(node.args) >= 3:
                 q, v = _tensor_dims(node.args[0]), _tensor_dims(node.args[2])
                 dq = q.shape[-1] if q is not None else 1
                 dv = v.shape[-1] if v is not None else 1
@@ -236,22 +170,23 @@ class _Budget:
             contracted = []
             src = _tensor_dims(first) if first is not None else None
             if src is not None and src.dims:
-                d = 1 if _is_conv(gm, node) else len(src.dims) - 1
+                d = 1 if has_flag(gm, node, "convolution") else len(src.dims) - 1
                 if d < len(src.dims) and src.dims[d] is not None:
                     contracted = [(src.dims[d], src.shape[d])]
             terms.append((float(f), _all_dims(out) + contracted))
         return terms
 
     def __call__(self, ratios: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Remaining fraction for per-gate keep ratios (scalars, broadcast over each gate's units)."""
-        flat = [r.reshape(1).expand(g.units) for r, g in zip(ratios, self.index.gates)]
+        """Remaining fraction for keep ratios in the gate set's group order (scalars, broadcast over
+        each group's units)."""
+        flat = {g.id: r.reshape(1).expand(self.gates.numel(g.id)) for r, g in zip(ratios, self.gates.groups)}
         kept = ratios[0].new_zeros(())
         for numel, dims in self.terms:
             frac = ratios[0].new_ones(())
             for lay, length in dims:
-                entries = self.index.of(lay, uniform=True)
-                if entries:
-                    frac = frac * _dim_values(entries, flat, length).mean()
+                factor = self.gates.factor(self.gates.sites(lay, uniform=True), flat)
+                if factor is not None:
+                    frac = frac * factor.mean()
             kept = kept + numel * frac
         return kept / self.total
 
@@ -265,12 +200,6 @@ def _all_dims(td: Optional[TensorDims]) -> list:
     if td is None:
         return []
     return [(lay, n) for lay, n in zip(td.dims, td.shape) if lay is not None]
-
-
-def _is_conv(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_module":
-        return isinstance(gm.get_submodule(node.target), _CONV)
-    return node.op == "call_function" and node.target in _CONV_FN
 
 
 def _node_flops(gm: fx.GraphModule, example: Sequence[torch.Tensor]) -> dict[str, int]:
@@ -313,7 +242,7 @@ def _mask(gate: _Gate, r: torch.Tensor) -> torch.Tensor:
 
 
 
-def _make_gates(analysis: "Analysis", kinds: Sequence[str], round_to: int, init: str) -> list[_Gate]:
+def _make_gates(analysis: "Analysis", kinds: Sequence[str], round_to: int, init: str) -> tuple[list[_Gate], GateSet]:
     bad = [k for k in kinds if k not in _ALL_KINDS]
     if bad:
         raise PlanError(f"unknown group kinds {bad}; expected some of {list(_ALL_KINDS)}")
@@ -332,10 +261,11 @@ def _make_gates(analysis: "Analysis", kinds: Sequence[str], round_to: int, init:
         mags = magnitude_scores(analysis, [g.id for g in groups])
     elif init != "uniform":
         raise ValueError(f"init must be 'magnitude' or 'uniform', got {init!r}")
+    # per-head scores where every parameter slice of the group has its heads, else one per dim
+    gate_set = GateSet(analysis, [g.id for g in groups], headless="share")
     gates = []
     for g in groups:
-        heads = analysis.group(g.head_group).size if g.head_group and _per_head_ok(analysis, g) else None
-        shape = (heads, g.size) if heads else (g.size,)
+        shape = gate_set.shapes[g.id]
         if mags is not None:
             s = mags[g.id].float()
             s = s.reshape(shape) if s.numel() == int(np.prod(shape)) else s.reshape(-1, g.size).mean(0)
@@ -344,7 +274,28 @@ def _make_gates(analysis: "Analysis", kinds: Sequence[str], round_to: int, init:
             s = torch.ones(shape)
         step = 1 if g.kind == "head" else max(1, int(round_to))
         gates.append(_Gate(g, shape, step, nn.Parameter(s.clone()), nn.Parameter(torch.tensor(float(theta0)))))
-    return gates
+    return gates, gate_set
+
+
+class _Thresholded(nn.Module):
+    """The analysed graph with each group's parameter slices multiplied by its top-k mask.
+
+    ``forward`` returns the graph's output and the keep ratios ``sigmoid(theta)`` it masked with.
+    """
+
+    def __init__(self, gm: fx.GraphModule, gates: Sequence[_Gate], gate_set: GateSet) -> None:
+        super().__init__()
+        self.gm = gm
+        self.scores = nn.ParameterList([g.scores for g in gates])
+        self.theta = nn.ParameterList([g.theta for g in gates])
+        self._gates = list(gates)
+        self._gate_set = gate_set
+
+    def forward(self, *x: Any) -> tuple[Any, list[torch.Tensor]]:
+        ratios = [torch.sigmoid(g.theta) for g in self._gates]
+        masks = {g.group.id: _mask(g, r).reshape(-1) for g, r in zip(self._gates, ratios)}
+        params = dict(self.gm.named_parameters())
+        return functional_call(self.gm, self._gate_set.apply(params, masks), x), ratios
 
 
 def learn_thresholds(
@@ -394,15 +345,13 @@ def learn_thresholds(
     loss_fn = loss_fn or default_loss
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     gm = copy.deepcopy(analysis.graph_module).to(dev)
-    gates = _make_gates(analysis, kinds, round_to, init)
+    gates, gate_set = _make_gates(analysis, kinds, round_to, init)
     for g in gates:
         g.scores.data = g.scores.data.to(dev)
         g.theta.data = g.theta.data.to(dev)
-    index = _Index(analysis, gates)
     example = [torch.zeros(s, dtype=getattr(torch, d), device=dev)
                for s, d in zip(analysis.input_shapes, analysis.input_dtypes)]
-    cost = _Budget(analysis, index, budget, gm, example)
-    slots = _param_slots(analysis, gm, index)
+    cost = _Budget(analysis, gate_set, budget, gm, example)
 
     params = dict(gm.named_parameters())
     for p in params.values():
@@ -415,47 +364,44 @@ def learn_thresholds(
     opt = torch.optim.Adam(groups)
     lam1 = lam2 = 0.0
     history: list[dict[str, float]] = []
-    gm.train()
-    batches = cycle(data, once=steps is None)
-    it = range(steps) if steps is not None else itertools.count()
-    step = -1
-    for step in it:
-        batch = next(batches, None)
-        if batch is None:
-            if steps is not None:
-                log.warning("data ran out after %d of %d steps", step, steps)
-            break
-        x, y = split_batch(batch)
-        x = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in x)
-        y = y.to(dev) if isinstance(y, torch.Tensor) else y
-        ratios = [torch.sigmoid(g.theta) for g in gates]
-        masks = [_mask(g, r).reshape(-1) for g, r in zip(gates, ratios)]
-        gated = _gated_params(params, slots, masks)
-        task = loss_fn(functional_call(gm, gated, x), y)
+    last: dict[str, Any] = {}  # the step's task loss, budget and gap, for the multipliers and the log
+
+    def step_loss(net: nn.Module, x: tuple, y: Any) -> torch.Tensor:
+        out, ratios = net(*x)
+        task = loss_fn(out, y)
         hard = [(torch.tensor(g.count(r) / g.n, device=dev) + r - r.detach()) for g, r in zip(gates, ratios)]
         s = cost(hard)
         gap = s - target
-        over = float(gap.detach()) > 0
-        active = over or penalty == "both"
-        loss = task + (lam1 * gap + lam2 * gap * gap if active else 0.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if active:  # gradient ascent on the multipliers (lambda1 may turn negative under "both")
-            lam1 += lambda_lr * float(gap.detach())
-            lam2 += lambda_lr * float(gap.detach()) ** 2
+        active = float(gap.detach()) > 0 or penalty == "both"
+        last.update(task=task, budget=s, gap=float(gap.detach()), active=active)
+        return task + (lam1 * gap + lam2 * gap * gap if active else 0.0)
+
+    def on_step(step: int, _: torch.Tensor) -> None:
+        nonlocal lam1, lam2
+        if last["active"]:  # gradient ascent on the multipliers (lambda1 may turn negative under "both")
+            lam1 += lambda_lr * last["gap"]
+            lam2 += lambda_lr * last["gap"] ** 2
         if log_every and (step % log_every == 0 or (steps is not None and step == steps - 1)):
-            rec = {"step": step, "loss": float(task.detach()), "budget": float(s.detach()), "lambda1": lam1, "lambda2": lam2}
+            rec = {"step": step, "loss": float(last["task"].detach()), "budget": float(last["budget"].detach()),
+                   "lambda1": lam1, "lambda2": lam2}
             history.append(rec)
             log.info("step %d: loss %.4f, %s budget %.4f (target %.4f), lambda1 %.3g, lambda2 %.3g",
                      step, rec["loss"], budget, rec["budget"], target, lam1, lam2)
             if callback is not None:
                 callback(rec)
+
+    done = 0
+    if steps != 0:  # (0 steps: the initial scores; data is not read)
+        net = _Thresholded(gm, gates, gate_set).train()
+        done = len(fit(net, rank_loader(data), step_loss, opt, epochs=None if steps is not None else 1,
+                       steps=steps, device=dev, on_step=on_step))
+        if steps is not None and done < steps:
+            log.warning("data ran out after %d of %d steps", done, steps)
     with torch.no_grad():
         ratios = [torch.sigmoid(g.theta) for g in gates]
         keep = {g.group.id: g.count(r) for g, r in zip(gates, ratios)}
         final = float(cost([torch.tensor(keep[g.group.id] / g.n, device=dev) for g in gates]))
-    log.info("learned thresholds after %d steps: %s budget %.4f (target %.4f)", step + 1, budget, final, target)
+    log.info("learned thresholds after %d steps: %s budget %.4f (target %.4f)", done, budget, final, target)
     weights = {n: p.detach().clone() for n, p in params.items()} if train_weights else {}
     return ThresholdResult(
         scores={g.group.id: g.scores.detach().cpu().clone() for g in gates},
@@ -468,44 +414,12 @@ def budget_of(analysis: "Analysis", keep: Mapping[str, int], budget: str = "para
     """Remaining parameter or FLOPs fraction when each group in ``keep`` keeps that many units."""
     if budget not in ("params", "flops"):
         raise ValueError(f"budget must be 'params' or 'flops', got {budget!r}")
-    gates = []
     for gid, k in keep.items():
         g = analysis.group(gid)
         if not 1 <= k <= g.size:
             raise PlanError(f"group {gid!r}: kept count {k} is outside 1..{g.size}")
-        gates.append(_Gate(g, (g.size,), 1, nn.Parameter(torch.zeros(g.size)), nn.Parameter(torch.zeros(()))))
-    index = _Index(analysis, gates)
+    gate_set = GateSet(analysis, list(keep), headless="share")
     example = [torch.zeros(s, dtype=getattr(torch, d)) for s, d in zip(analysis.input_shapes, analysis.input_dtypes)]
-    cost = _Budget(analysis, index, budget, analysis.graph_module, example)
+    cost = _Budget(analysis, gate_set, budget, analysis.graph_module, example)
     with torch.no_grad():
-        return float(cost([torch.tensor(keep[g.group.id] / g.n) for g in gates]))
-
-
-def _param_slots(analysis: "Analysis", gm: fx.GraphModule, index: _Index) -> dict[str, list]:
-    """Per gated parameter: ``[(dim, length, [(gate, index)])]``."""
-    names = dict(gm.named_parameters())
-    gated = {name for g in index.gates for name, _ in g.group.params if name in names}
-    out = {}
-    for name in gated:
-        td = analysis.params[name]
-        dims = []
-        for d, lay in enumerate(td.dims):
-            entries = index.of(lay)
-            if entries:
-                dims.append((d, td.shape[d], entries))
-        if dims:
-            out[name] = dims
-    return out
-
-
-def _gated_params(params: dict[str, torch.Tensor], slots: dict[str, list], masks: Sequence[torch.Tensor]) -> dict:
-    out = {}
-    for name, dims in slots.items():
-        w = params[name]
-        for d, length, entries in dims:
-            m = _dim_values(entries, masks, length).to(w.dtype)
-            shape = [1] * w.dim()
-            shape[d] = length
-            w = w * m.reshape(shape)
-        out[name] = w
-    return out
+        return float(cost([torch.tensor(keep[g.id] / g.size) for g in gate_set.groups]))

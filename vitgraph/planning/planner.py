@@ -10,17 +10,15 @@ from __future__ import annotations
 
 import heapq
 import math
-import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
-from torch import nn
 
 from vitgraph.analysis.context import META_KEY, TensorDims
+from vitgraph.analysis.ops.registry import lookup_op
 from vitgraph.errors import PlanError
 from vitgraph.planning.plan import DEFAULT_KINDS, Plan
 
@@ -32,17 +30,6 @@ DEFAULT_UNIT = {"residual": 16, "head": 1, "qk": 8, "v": 8, "ffn": 16, "other": 
 DEFAULT_MIN_WIDTH = {"residual": 64, "head": 1, "qk": 8, "v": 8, "ffn": 64, "other": 16}
 TARGETS = ("flops", "params", "latency")
 
-_LINEAR_FNS = {F.linear}
-_MATMUL_FNS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm"}
-_BADDBMM = {torch.baddbmm, "baddbmm"}
-_CONV_FNS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
-_FREE = {  # ops that move no data (or that the runtimes fold away)
-    operator.getitem, getattr, "view", "reshape", torch.reshape, "permute", torch.permute, "transpose",
-    torch.transpose, "flatten", torch.flatten, "unflatten", "expand", "expand_as", "unbind", torch.unbind,
-    "split", torch.split, "chunk", torch.chunk, "size", "squeeze", "unsqueeze", torch.squeeze, torch.unsqueeze,
-    "narrow", torch.narrow, "dim", "type_as", "to", "float", "contiguous", "view_as", "reshape_as",
-}
-_FREE_MODULES = (nn.Identity, nn.Dropout)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,43 +210,30 @@ def _param_dims(analysis: "Analysis", name: str) -> Optional[tuple[_Dim, ...]]:
 
 
 def _price(gm: fx.GraphModule, node: fx.Node, analysis: "Analysis") -> Optional[_Op]:
-    """The priced op of a node, or None for nodes with no cost (views, constants)."""
+    """The priced op of a node, or None for nodes with no cost (views, constants).
+
+    The op's declared :class:`~vitgraph.analysis.ops.registry.Cost` says its family and the
+    inputs that size it; an undeclared op, or a compute op whose inputs do not apply, is priced
+    element-wise when it carries channels.
+    """
     if node.op not in ("call_module", "call_function", "call_method"):
         return None
     out = _dims_of(node)
     if out is None:
         return None
-    first = node.args[0] if node.args else None
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if isinstance(mod, nn.Linear):
-            return _Op(node.name, "linear", (out, _dims_of(first)))
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            w = _param_dims(analysis, f"{node.target}.weight")
-            if w is not None:
-                return _Op(node.name, "conv", (out, w), (mod.groups,))
-        if isinstance(mod, _FREE_MODULES):
-            return None
-        return _Op(node.name, "eltwise", (out,)) if node.meta.get(META_KEY).live else None
-    t = node.target
-    if t in _LINEAR_FNS:
-        return _Op(node.name, "linear", (out, _dims_of(first)))
-    if t in _MATMUL_FNS and len(node.args) >= 2:
-        return _Op(node.name, "bmm", (out, _dims_of(first)))
-    if t in _BADDBMM and len(node.args) >= 2:
-        return _Op(node.name, "bmm", (out, _dims_of(node.args[1])))
-    if t is torch.addmm and len(node.args) >= 2:
-        return _Op(node.name, "linear", (out, _dims_of(node.args[1])))
-    if t in _CONV_FNS and len(node.args) >= 2:
-        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-        return _Op(node.name, "conv", (out, _dims_of(node.args[1])), (int(groups),))
-    if t is F.scaled_dot_product_attention:
-        key = node.args[1] if len(node.args) > 1 else node.kwargs.get("key")
-        val = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
-        return _Op(node.name, "sdpa", (out, _dims_of(first), _dims_of(key), _dims_of(val)))
-    if t in _FREE or not node.meta.get(META_KEY).live:
+    spec = lookup_op(gm, node)
+    cost = spec.cost if spec is not None else None
+    if cost is not None and cost.family == "free":
         return None
-    return _Op(node.name, "eltwise", (out,))
+    if cost is not None and cost.inputs is not None:
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        got = cost.inputs(node, module)
+        if got is not None:
+            operands, extra = got
+            dims = tuple(_param_dims(analysis, x) if isinstance(x, str) else _dims_of(x) for x in operands)
+            if not any(d is None and isinstance(x, str) for x, d in zip(operands, dims)):
+                return _Op(node.name, cost.family, (out, *dims), tuple(extra))
+    return _Op(node.name, "eltwise", (out,)) if node.meta.get(META_KEY).live else None
 
 
 def _op_flops(op: _Op, sz: _Sizer) -> float:

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch import nn
 
 from vitgraph.analysis.context import RuleContext, TensorDims
 from vitgraph.analysis.ops.registry import declare
 from vitgraph.analysis.ops.common import arg, broadcast
 from vitgraph.analysis.ops.rewriting import RewriteContext
+from vitgraph.analysis.ops.registry import Cost
 
 
 def sdpa_rule(ctx: RuleContext, node: fx.Node) -> Any:
@@ -41,4 +44,14 @@ def rewrite_sdpa(rc: RewriteContext, node: fx.Node) -> None:
 # ---------------------------------------------------------------------------------------------
 # declarations
 
-declare(F.scaled_dot_product_attention, rule=sdpa_rule, rewrite=rewrite_sdpa)
+def _qkv(node: fx.Node, module: Optional[nn.Module]) -> tuple[tuple, tuple]:
+    key = node.args[1] if len(node.args) > 1 else node.kwargs.get("key")
+    value = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
+    return (node.args[0] if node.args else node.kwargs.get("query"), key, value), ()
+
+
+_SDPA = [F.scaled_dot_product_attention]
+if getattr(torch._C._nn, "scaled_dot_product_attention", F.scaled_dot_product_attention) is not F.scaled_dot_product_attention:
+    _SDPA.append(torch._C._nn.scaled_dot_product_attention)  # (the builtin, where F's is a wrapper)
+
+declare(*_SDPA, rule=sdpa_rule, rewrite=rewrite_sdpa, attention=True, cost=Cost("sdpa", _qkv))

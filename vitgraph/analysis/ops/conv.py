@@ -14,6 +14,7 @@ from vitgraph.analysis.ops.registry import declare
 from vitgraph.analysis.ops.common import arg, no_rule, norm_dim
 from vitgraph.analysis.ops.rewriting import RewriteContext
 from vitgraph.analysis.ops.shape import reshape_dims
+from vitgraph.analysis.ops.registry import Cost, ELTWISE
 
 
 def _per_dim(v: Any, n: int) -> tuple:
@@ -164,8 +165,20 @@ def rewrite_conv(rc: RewriteContext, node: fx.Node) -> None:
 # ---------------------------------------------------------------------------------------------
 # declarations
 
-declare(nn.Conv1d, nn.Conv2d, nn.Conv3d, rule=conv_module, rewrite=rewrite_conv)
-declare(F.conv1d, F.conv2d, F.conv3d, rule=conv_function)
-declare(nn.AvgPool1d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.max_pool2d, F.adaptive_avg_pool1d, F.avg_pool1d, F.interpolate, nn.Upsample, F.pad, torch.roll, "roll", rule=spatial_rule)
-declare(nn.Unfold, F.unfold, rule=unfold_rule)
-declare(nn.Fold, F.fold, rule=fold_rule)
+def _conv_module_inputs(node: fx.Node, module: Optional[nn.Module]) -> tuple[tuple, tuple]:
+    return (f"{node.target}.weight",), (module.groups,)
+
+
+def _conv_function_inputs(node: fx.Node, module: Optional[nn.Module]) -> Optional[tuple[tuple, tuple]]:
+    if len(node.args) < 2:
+        return None
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    return (node.args[1],), (int(groups),)
+
+
+declare(nn.Conv1d, nn.Conv2d, nn.Conv3d, rule=conv_module, rewrite=rewrite_conv, convolution=True,
+        cost=Cost("conv", _conv_module_inputs))
+declare(F.conv1d, F.conv2d, F.conv3d, rule=conv_function, convolution=True, cost=Cost("conv", _conv_function_inputs))
+declare(nn.AvgPool1d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.max_pool2d, F.adaptive_avg_pool1d, F.avg_pool1d, F.interpolate, nn.Upsample, F.pad, torch.roll, "roll", rule=spatial_rule, cost=ELTWISE)
+declare(nn.Unfold, F.unfold, rule=unfold_rule, cost=ELTWISE)
+declare(nn.Fold, F.fold, rule=fold_rule, cost=ELTWISE)

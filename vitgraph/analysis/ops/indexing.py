@@ -13,6 +13,7 @@ from vitgraph.analysis.context import RuleContext, TensorDims
 from vitgraph.analysis.ops.registry import declare
 from vitgraph.analysis.ops.common import arg, broadcast, no_rule, norm_dim, tensor_args
 from vitgraph.analysis.ops.rewriting import RewriteContext
+from vitgraph.analysis.ops.registry import ELTWISE, FREE
 
 
 def sections(ctx: RuleContext, lay: Layout, n: int) -> Optional[list[dict[int, int]]]:
@@ -366,10 +367,10 @@ def rewrite_getitem(rc: RewriteContext, node: fx.Node) -> None:
 # ---------------------------------------------------------------------------------------------
 # declarations
 
-declare("unbind", torch.unbind, rule=unbind_rule)
-declare("split", torch.split, "chunk", torch.chunk, rule=split_rule, rewrite=rewrite_split)
-declare("tensor_split", rule=split_rule)
-declare(operator.setitem, rule=setitem_rule)
-declare(operator.getitem, rule=getitem_rule, rewrite=rewrite_getitem)
-declare(torch.cat, torch.concat, torch.concatenate, rule=cat_rule)
-declare(torch.stack, rule=stack_rule)
+declare("unbind", torch.unbind, rule=unbind_rule, cost=FREE)
+declare("split", torch.split, "chunk", torch.chunk, rule=split_rule, rewrite=rewrite_split, cost=FREE)
+declare("tensor_split", rule=split_rule, cost=FREE)
+declare(operator.setitem, rule=setitem_rule, cost=ELTWISE)
+declare(operator.getitem, rule=getitem_rule, rewrite=rewrite_getitem, cost=FREE)
+declare(torch.cat, torch.concat, torch.concatenate, rule=cat_rule, cost=ELTWISE)
+declare(torch.stack, rule=stack_rule, cost=ELTWISE)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import operator
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -14,6 +14,7 @@ from vitgraph.analysis.context import RuleContext, TensorDims
 from vitgraph.analysis.ops.registry import declare
 from vitgraph.analysis.ops.common import arg, broadcast, no_rule
 from vitgraph.analysis.ops.rewriting import RewriteContext
+from vitgraph.analysis.ops.registry import Cost, ELTWISE
 
 
 def linear_dims(ctx: RuleContext, x: TensorDims, w: TensorDims, b: Optional[TensorDims]) -> TensorDims:
@@ -96,7 +97,22 @@ def rewrite_linear(rc: RewriteContext, node: fx.Node) -> None:
 # ---------------------------------------------------------------------------------------------
 # declarations
 
-declare(nn.Linear, rule=linear_module, rewrite=rewrite_linear)
-declare(F.linear, rule=linear_function)
-declare(operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "__matmul__", rule=matmul_rule)
-declare(torch.einsum, rule=einsum_rule)
+def _operand(i: int, need: int) -> Callable:
+    """Cost inputs: the ``i``-th argument, the operand a linear map or batched matmul contracts
+    (not priced as one with fewer than ``need`` positional arguments)."""
+
+    def inputs(node: fx.Node, module: Optional[nn.Module]) -> Optional[tuple[tuple, tuple]]:
+        if len(node.args) < need:
+            return None
+        return (node.args[i] if len(node.args) > i else None,), ()
+
+    return inputs
+
+
+declare(nn.Linear, rule=linear_module, rewrite=rewrite_linear, cost=Cost("linear", _operand(0, 0)))
+declare(F.linear, rule=linear_function, cost=Cost("linear", _operand(0, 0)))
+declare(operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "__matmul__", rule=matmul_rule,
+        cost=Cost("bmm", _operand(0, 2)))
+declare(torch.baddbmm, "baddbmm", cost=Cost("bmm", _operand(1, 2)))  # (no rule yet: frozen)
+declare(torch.addmm, cost=Cost("linear", _operand(1, 2)))  # (no rule yet: frozen)
+declare(torch.einsum, rule=einsum_rule, cost=ELTWISE)

@@ -11,6 +11,7 @@ from vitgraph.analysis.context import RuleContext, TensorDims
 from vitgraph.analysis.ops.registry import declare
 from vitgraph.analysis.ops.common import arg, norm_dim
 from vitgraph.analysis.ops.rewriting import RewriteContext
+from vitgraph.analysis.ops.registry import ELTWISE
 
 
 def norm_dims(ctx: RuleContext, x: TensorDims, k: int, params: list[Optional[TensorDims]]) -> TensorDims:
@@ -144,10 +145,10 @@ def rewrite_group_norm_function(rc: RewriteContext, node: fx.Node) -> None:
 # ---------------------------------------------------------------------------------------------
 # declarations
 
-declare(nn.LayerNorm, nn.RMSNorm, rule=layer_norm_module, rewrite=rewrite_norm_module)
-declare(F.layer_norm, F.rms_norm, rule=layer_norm_function, rewrite=rewrite_layer_norm)
-declare(F.normalize, rule=normalize_function)
-declare(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, rule=batch_norm_module, rewrite=rewrite_batch_norm)
-declare(F.batch_norm, rule=batch_norm_function)
-declare(nn.GroupNorm, rule=group_norm_module, rewrite=rewrite_group_norm)
-declare(F.group_norm, rule=group_norm_function, rewrite=rewrite_group_norm_function)
+declare(nn.LayerNorm, nn.RMSNorm, rule=layer_norm_module, rewrite=rewrite_norm_module, cost=ELTWISE)
+declare(F.layer_norm, F.rms_norm, rule=layer_norm_function, rewrite=rewrite_layer_norm, cost=ELTWISE)
+declare(F.normalize, rule=normalize_function, cost=ELTWISE)
+declare(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, rule=batch_norm_module, rewrite=rewrite_batch_norm, cost=ELTWISE)
+declare(F.batch_norm, rule=batch_norm_function, cost=ELTWISE)
+declare(nn.GroupNorm, rule=group_norm_module, rewrite=rewrite_group_norm, cost=ELTWISE)
+declare(F.group_norm, rule=group_norm_function, rewrite=rewrite_group_norm_function, cost=ELTWISE)

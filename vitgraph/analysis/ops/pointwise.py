@@ -12,16 +12,23 @@ from torch import nn
 from vitgraph.analysis.context import RuleContext, TensorDims
 from vitgraph.analysis.ops.registry import declare
 from vitgraph.analysis.ops.common import arg, broadcast, no_rule, norm_dim, tensor_args
+from vitgraph.analysis.ops.registry import ELTWISE, FREE, lookup_op
+
+
+_ADDS = [operator.add, operator.iadd, torch.add, "add", "add_", "__add__", "__radd__"]  # residual adds when both sides are live
+
+
+_FREE_POINTWISE = ["float", "to", "contiguous", nn.Identity, nn.Dropout]  # casts and no-ops the runtimes fold away
 
 
 _POINTWISE_FUNCS = [
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.floordiv,
-    operator.pow, operator.iadd, operator.imul,
-    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.exp, torch.log, torch.sigmoid,
+    operator.sub, operator.mul, operator.truediv, operator.neg, operator.floordiv,
+    operator.pow, operator.imul,
+    torch.sub, torch.mul, torch.div, torch.neg, torch.exp, torch.log, torch.sigmoid,
     torch.tanh, torch.relu, torch.sqrt, torch.rsqrt, torch.abs, torch.clamp, torch.where,
     torch.sin, torch.cos, torch.pow, torch.erf, torch.maximum, torch.minimum,
     F.gelu, F.silu, F.relu, F.relu6, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.mish,
-    F.elu, F.leaky_relu, F.dropout, F.softplus, F.hardtanh,
+    F.elu, F.leaky_relu, F.dropout, F.softplus, F.hardtanh, F.selu, F.celu, F.softsign,
     operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
     torch.eq, torch.ne, torch.lt, torch.le, torch.gt, torch.ge,
     torch.square, torch.addcmul, torch.addcdiv, torch.lerp, torch.reciprocal, torch.sign,
@@ -30,19 +37,19 @@ _POINTWISE_FUNCS = [
 
 
 _POINTWISE_METHODS = [
-    "add", "sub", "mul", "div", "add_", "mul_", "sub_", "div_", "neg", "exp", "log", "sigmoid",
+    "sub", "mul", "div", "mul_", "sub_", "div_", "neg", "exp", "log", "sigmoid",
     "tanh", "relu", "sqrt", "rsqrt", "abs", "clamp", "pow", "sin", "cos",
-    "float", "half", "bfloat16", "double", "to", "type", "contiguous", "clone",
+    "half", "bfloat16", "double", "type", "clone",
     "detach", "masked_fill", "masked_fill_", "erf", "sign", "reciprocal", "square", "clamp_min",
-    "clamp_max", "__add__", "__mul__", "__rmul__", "__radd__", "sigmoid_", "gelu", "silu",
+    "clamp_max", "__mul__", "__rmul__", "sigmoid_", "gelu", "silu",
     "eq", "ne", "lt", "le", "gt", "ge",
 ]
 
 
 _POINTWISE_MODULES = [
-    nn.Dropout, nn.Identity, nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid,
+    nn.GELU, nn.SiLU, nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid,
     nn.Hardswish, nn.Hardsigmoid, nn.Mish, nn.ELU, nn.LeakyReLU, nn.Dropout2d,
-    nn.Dropout1d, nn.Softplus, nn.Hardtanh,
+    nn.Dropout1d, nn.Softplus, nn.Hardtanh, nn.AlphaDropout, nn.SELU, nn.CELU, nn.Softsign, nn.Tanhshrink,
 ]
 
 
@@ -54,7 +61,7 @@ def pointwise(ctx: RuleContext, node: fx.Node) -> Any:
         return None if not ops else no_rule(ctx, node)
     live = [td for td in ops if td.live]
     td = broadcast(ctx, ops, shp, "elementwise")
-    if node.target in (operator.add, torch.add, "add", "add_", operator.iadd, "__add__", "__radd__") and len(live) >= 2:
+    if lookup_op(ctx.gm, node).residual_add and len(live) >= 2:
         for lay in td.dims:
             ctx.role(lay, "add")
     return td
@@ -97,7 +104,9 @@ def type_as_rule(ctx: RuleContext, node: fx.Node) -> Any:
 # ---------------------------------------------------------------------------------------------
 # declarations
 
-declare(*_POINTWISE_FUNCS, *_POINTWISE_METHODS, *_POINTWISE_MODULES, rule=pointwise)
-declare(F.softmax, F.log_softmax, "softmax", "log_softmax", nn.Softmax, nn.LogSoftmax, rule=softmax_rule)
-declare(torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like, "new_zeros", "new_ones", rule=like_rule)
-declare("type_as", rule=type_as_rule)
+declare(*_POINTWISE_FUNCS, *_POINTWISE_METHODS, *_POINTWISE_MODULES, rule=pointwise, pointwise=True, cost=ELTWISE)
+declare(*_ADDS, rule=pointwise, pointwise=True, residual_add=True, cost=ELTWISE)
+declare(*_FREE_POINTWISE, rule=pointwise, pointwise=True, cost=FREE)
+declare(F.softmax, F.log_softmax, "softmax", "log_softmax", nn.Softmax, nn.LogSoftmax, rule=softmax_rule, cost=ELTWISE)
+declare(torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like, "new_zeros", "new_ones", rule=like_rule, cost=ELTWISE)
+declare("type_as", rule=type_as_rule, cost=FREE)

@@ -11,6 +11,7 @@ import torch.fx as fx
 from vitgraph.analysis.context import RuleContext, TensorDims
 from vitgraph.analysis.ops.registry import declare
 from vitgraph.analysis.ops.common import arg, no_rule, norm_dim
+from vitgraph.analysis.ops.registry import ELTWISE, FREE
 
 
 def reduce_rule(ctx: RuleContext, node: fx.Node) -> Any:
@@ -56,5 +57,5 @@ def scalar_rule(ctx: RuleContext, node: fx.Node) -> Any:
 # ---------------------------------------------------------------------------------------------
 # declarations
 
-declare("mean", torch.mean, "sum", torch.sum, "amax", torch.amax, "amin", "std", "var", "norm", "logsumexp", "max", "min", torch.max, torch.min, rule=reduce_rule)
-declare(builtins.getattr, "size", "dim", "numel", builtins.len, math.sqrt, int, float, rule=scalar_rule)
+declare("mean", torch.mean, "sum", torch.sum, "amax", torch.amax, "amin", "std", "var", "norm", "logsumexp", "max", "min", torch.max, torch.min, rule=reduce_rule, cost=ELTWISE)
+declare(builtins.getattr, "size", "dim", "numel", builtins.len, math.sqrt, int, float, rule=scalar_rule, cost=FREE)

@@ -13,6 +13,7 @@ from vitgraph.analysis.ops.registry import declare
 from vitgraph.analysis.ops.common import arg, no_rule, norm_dim
 from vitgraph.analysis.ops.rewriting import RewriteContext, replace_sizes, scaled_sizes
 from vitgraph.analysis.ops.common import STAND_IN
+from vitgraph.analysis.ops.registry import ELTWISE, FREE
 
 
 def permute_rule(ctx: RuleContext, node: fx.Node) -> Any:
@@ -267,14 +268,15 @@ def rewrite_unflatten(rc: RewriteContext, node: fx.Node) -> None:
 # ---------------------------------------------------------------------------------------------
 # declarations
 
-declare("permute", torch.permute, rule=permute_rule)
-declare("transpose", torch.transpose, "swapaxes", rule=transpose_rule)
-declare("t", rule=t_rule)
-declare("unsqueeze", torch.unsqueeze, "squeeze", torch.squeeze, rule=squeeze_rule)
-declare("expand", rule=expand_rule, rewrite=rewrite_reshape)
-declare("expand_as", "broadcast_to", torch.broadcast_to, rule=expand_rule)
-declare("repeat", "tile", torch.tile, rule=repeat_rule)
-declare("repeat_interleave", torch.repeat_interleave, rule=repeat_interleave_rule)
-declare("reshape", "view", torch.reshape, rule=reshape_rule, rewrite=rewrite_reshape)
-declare("flatten", torch.flatten, nn.Flatten, nn.Unflatten, "reshape_as", "view_as", rule=reshape_rule)
-declare("unflatten", torch.unflatten, rule=reshape_rule, rewrite=rewrite_unflatten)
+declare("permute", torch.permute, rule=permute_rule, cost=FREE)  # views: no data moved
+declare("narrow", torch.narrow, cost=FREE)  # (no rule yet: frozen)
+declare("transpose", torch.transpose, "swapaxes", rule=transpose_rule, cost=FREE)
+declare("t", rule=t_rule, cost=FREE)
+declare("unsqueeze", torch.unsqueeze, "squeeze", torch.squeeze, rule=squeeze_rule, cost=FREE)
+declare("expand", rule=expand_rule, rewrite=rewrite_reshape, cost=FREE)
+declare("expand_as", "broadcast_to", torch.broadcast_to, rule=expand_rule, cost=FREE)
+declare("repeat", "tile", torch.tile, rule=repeat_rule, cost=ELTWISE)
+declare("repeat_interleave", torch.repeat_interleave, rule=repeat_interleave_rule, cost=ELTWISE)
+declare("reshape", "view", torch.reshape, rule=reshape_rule, rewrite=rewrite_reshape, cost=FREE)
+declare("flatten", torch.flatten, nn.Flatten, nn.Unflatten, "reshape_as", "view_as", rule=reshape_rule, cost=FREE)
+declare("unflatten", torch.unflatten, rule=reshape_rule, rewrite=rewrite_unflatten, cost=FREE)
