@@ -30,6 +30,7 @@ import torch.fx as fx
 from torch import nn
 from torch.func import functional_call
 
+from vitgraph.analysis.kinds import ALL_KINDS, BLOCK_KINDS
 from vitgraph.analysis.context import META_KEY, TensorDims
 from vitgraph.analysis.ops.registry import has_flag
 from vitgraph.errors import PlanError
@@ -44,8 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KINDS = ("head", "qk", "v", "ffn")
-_ALL_KINDS = ("residual", "head", "qk", "v", "ffn", "other")
+DEFAULT_KINDS = BLOCK_KINDS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,9 +243,9 @@ def _mask(gate: _Gate, r: torch.Tensor) -> torch.Tensor:
 
 
 def _make_gates(analysis: "Analysis", kinds: Sequence[str], round_to: int, init: str) -> tuple[list[_Gate], GateSet]:
-    bad = [k for k in kinds if k not in _ALL_KINDS]
+    bad = [k for k in kinds if k not in ALL_KINDS]
     if bad:
-        raise PlanError(f"unknown group kinds {bad}; expected some of {list(_ALL_KINDS)}")
+        raise PlanError(f"unknown group kinds {bad}; expected some of {list(ALL_KINDS)}")
     groups = [g for g in analysis.groups if g.kind in kinds and g.size > 1]
     if not groups:
         raise PlanError(f"the model has no prunable groups of kinds {list(kinds)}")

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 from torch import nn
 
+from vitgraph.analysis.kinds import ALL_KINDS, BLOCK_KINDS
 from vitgraph.analysis.engine import analyze
 from vitgraph.api import compress, mask
 from vitgraph.planning.plan import Plan
@@ -28,7 +29,6 @@ from vitgraph.planning.plan import Plan
 if TYPE_CHECKING:
     from vitgraph.analysis.engine import Analysis
 
-INNER_KINDS = ("qk", "v", "head", "ffn")
 RAGGED_PLANS = {"qk-only": ("qk",), "v-only": ("v",)}  # plan name -> the only kinds it prunes
 MASKED_TOL, ONNX_TOL = 1e-5, 1e-4
 
@@ -115,7 +115,7 @@ class CheckReport:
         g = self.groups
         return {
             "model": self.name,
-            "groups r/h/qk/v/ffn/o": "/".join(str(g.get(k, 0)) for k in ("residual", "head", "qk", "v", "ffn", "other")),
+            "groups r/h/qk/v/ffn/o": "/".join(str(g.get(k, 0)) for k in ALL_KINDS),
             "frozen ch": self.frozen_channels,
             "params M": f"{self.params[0] / 1e6:.2f} -> {self.params[1] / 1e6:.2f}" if self.params[0] else "-",
             "GFLOPs": f"{self.flops[0] / 1e9:.2f} -> {self.flops[1] / 1e9:.2f}" if self.flops[0] else "-",
@@ -204,7 +204,7 @@ def check_model(
         if flops:
             rep.flops = (count_flops(model, (x1,)), count_flops(slim, (x1,)))
         step = "masked equivalence"
-        inner = _comparable(an, Plan.random(an, ratio, kinds=INNER_KINDS, seed=seed + 1))
+        inner = _comparable(an, Plan.random(an, ratio, kinds=BLOCK_KINDS, seed=seed + 1))
         with torch.no_grad():
             rep.masked_rel_err = _rel(_first(compress(model, inner, an)(x)), _first(mask(model, inner, an)(x)))
         if onnx:

@@ -10,6 +10,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from vitgraph.analysis.kinds import PRUNABLE_KINDS
 from vitgraph.errors import VitgraphError
 from vitgraph import artifact
 from vitgraph.models import load_model_and_source
@@ -221,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_score)
     s = model_cmd("compress", "prune by magnitude, write plan, slim model and ONNX")
     s.add_argument("--ratio", type=float, default=0.5, help="fraction of each selected group removed")
-    s.add_argument("--kinds", type=lambda v: v.split(","), default=["residual", "head", "qk", "v", "ffn"], help="comma-separated group kinds")
+    s.add_argument("--kinds", type=lambda v: v.split(","), default=list(PRUNABLE_KINDS),
+                   help="comma-separated group kinds")
     s.add_argument("--round-to", type=int, default=1, help="round kept channel counts to this multiple")
     s.add_argument("--reps", type=int, default=10, help="latency repetitions per round")
     s.add_argument("--out", required=True, help="output directory")

@@ -13,6 +13,7 @@ import torch.fx as fx
 from torch import nn
 
 import vitgraph.analysis.ops  # noqa: F401  (declares every op)
+from vitgraph.analysis.kinds import ALL_KINDS, PER_HEAD_KINDS
 from vitgraph.analysis.axes import AxisStore, Layout
 from vitgraph.analysis.context import META_KEY, RuleContext, TensorDims
 from vitgraph.errors import AnalysisError, TraceError
@@ -21,7 +22,6 @@ from vitgraph.analysis.ops.common import get_attr_dims, no_rule, output_dims, pl
 from vitgraph.analysis.ops.registry import lookup_rule
 from vitgraph.capture.trace import trace
 
-KINDS = ("residual", "head", "qk", "v", "ffn", "other")
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class ChannelGroup:
     """
 
     id: str
-    kind: str
+    kind: str  # a GroupKind value (vitgraph.analysis.kinds)
     size: int
     params: tuple[tuple[str, int], ...]
     nodes: tuple[str, ...]
@@ -153,7 +153,7 @@ class Analysis:
 
     def summary(self) -> str:
         """Readable summary: groups by kind and frozen channels."""
-        by_kind = {k: [g for g in self.groups if g.kind == k] for k in KINDS}
+        by_kind = {k: [g for g in self.groups if g.kind == k] for k in ALL_KINDS}
         head = ", ".join(f"{len(v)} {k}" for k, v in by_kind.items() if v)
         lines = [f"Analysis of {self.graph_module.__class__.__name__}: {len(self.groups)} groups ({head}); "
                  f"{len(self.frozen)} frozen channel sets"]
@@ -414,7 +414,7 @@ def _build_groups(an: Analysis) -> None:
         named[a] = base if n == 0 else f"{base}.{n}"
     for a, kind, params, nodes in raw:
         head, per_head = None, False
-        if kind in ("qk", "v"):
+        if kind in PER_HEAD_KINDS:
             # per-head sets need the head axis outside the dim in every sliced parameter: a
             # dim-major product (D, H) cannot hold different dims per head
             partners = [{h for h in b[:b.index(a)] if h in heads} for b in blocks_with.get(a, [])]

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence, Un
 import numpy as np
 import torch
 
+from vitgraph.analysis.kinds import ALL_KINDS, PER_HEAD_KINDS, PRUNABLE_KINDS
 from vitgraph.errors import PlanError
 from vitgraph.gc_hold import holds_existing_objects
 from vitgraph.analysis.selection import Selection
@@ -16,8 +17,7 @@ if TYPE_CHECKING:
     from vitgraph.analysis.engine import Analysis, ChannelGroup
 
 Keep = Union[list[int], list[list[int]]]
-DEFAULT_KINDS = ("residual", "head", "qk", "v", "ffn")
-ALL_KINDS = DEFAULT_KINDS + ("other",)
+DEFAULT_KINDS = PRUNABLE_KINDS
 PLAN_VERSION = 1  # the "vitgraph_plan" field of the JSON form; newer versions are refused
 _FIELDS = ("vitgraph_plan", "fingerprint", "input_shapes", "input_dtypes", "kept", "prune_outputs")
 
@@ -74,7 +74,7 @@ class Plan:
         """
         _check_analysis(analysis)
         _check_ratio(ratio)
-        kinds = _check_kinds(kinds, DEFAULT_KINDS + ("other",))
+        kinds = _check_kinds(kinds, ALL_KINDS)
         if not _is_int(seed):
             raise PlanError(f"seed must be an integer, got {type(seed).__name__} {seed!r}")
         gen = np.random.default_rng(int(seed))
@@ -348,7 +348,7 @@ def _score_tensor(g: "ChannelGroup", v: Any, analysis: "Analysis") -> torch.Tens
         raise PlanError(f"group {g.id!r}: scores must be numbers, got {type(v).__name__}: {e}") from e
     heads = analysis.group(g.head_group).size if g.head_group else None
     ok = s.shape == (g.size,) or (
-        s.dim() == 2 and g.kind in ("qk", "v") and s.shape[1] == g.size and s.shape[0] >= 1
+        s.dim() == 2 and g.kind in PER_HEAD_KINDS and s.shape[1] == g.size and s.shape[0] >= 1
         and (heads is None or s.shape[0] == heads))
     if not ok:
         want = f"({g.size},)" + (f" or ({heads}, {g.size})" if heads else "")
@@ -386,7 +386,7 @@ def _validate_entry(g: "ChannelGroup", keep: Keep, analysis: "Analysis") -> None
     _check_structure(g.id, keep)
     rows = keep if isinstance(keep[0], list) else None
     if rows is not None:
-        if g.kind not in ("qk", "v"):
+        if g.kind not in PER_HEAD_KINDS:
             raise PlanError(f"group {g.id!r} ({g.kind}): per-head keep-sets are only for qk and v groups")
         heads = analysis.group(g.head_group).size if g.head_group else None
         if heads is None or len(rows) != heads:

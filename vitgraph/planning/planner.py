@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
+from vitgraph.analysis.kinds import unknown_kinds
 from vitgraph.analysis.context import META_KEY, TensorDims
 from vitgraph.analysis.ops.registry import lookup_op
 from vitgraph.errors import PlanError
@@ -378,7 +379,7 @@ def planning_args(analysis: "Analysis", scores: Optional[Mapping[str, Any]], tar
     if target == "latency" and latency_table is None:
         raise PlanError("target='latency' needs a latency_table (vitgraph.LatencyTable)")
     kinds = tuple(kinds) if kinds is not None else DEFAULT_KINDS
-    bad = [k for k in kinds if k not in ("residual", "head", "qk", "v", "ffn", "other")]
+    bad = unknown_kinds(kinds)
     if bad:
         raise PlanError(f"unknown group kinds {bad}")
     cm = CostModel(analysis)
