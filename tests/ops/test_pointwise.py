@@ -3,6 +3,7 @@ MLP's hidden width prunable, and compressing equals masking through it."""
 from __future__ import annotations
 
 import pytest
+import torch.nn.functional as F
 from torch import nn
 
 import vitgraph
@@ -34,3 +35,12 @@ def test_every_pointwise_module_keeps_the_hidden_width(act):
     an = vitgraph.analyze(m, inputs())
     assert only(an, "ffn").size == 4 * C
     assert_exact(m, an, seeds=range(2))
+
+
+@pytest.mark.parametrize("act", [nn.Hardshrink, F.hardshrink], ids=["module", "function"])
+def test_hardshrink(act):
+    """An activation added to the family with one declaration."""
+    m = build(Mlp, act)
+    an = vitgraph.analyze(m, inputs())
+    assert only(an, "ffn").size == 4 * C
+    assert_exact(m, an)

@@ -107,6 +107,7 @@ def type_as_rule(ctx: RuleContext, node: fx.Node) -> Any:
 declare(*_POINTWISE_FUNCS, *_POINTWISE_METHODS, *_POINTWISE_MODULES, rule=pointwise, pointwise=True, cost=ELTWISE)
 declare(*_ADDS, rule=pointwise, pointwise=True, residual_add=True, cost=ELTWISE)
 declare(*_FREE_POINTWISE, rule=pointwise, pointwise=True, cost=FREE)
+declare(nn.Hardshrink, F.hardshrink, rule=pointwise, pointwise=True, cost=ELTWISE)
 declare(F.softmax, F.log_softmax, "softmax", "log_softmax", nn.Softmax, nn.LogSoftmax, rule=softmax_rule, cost=ELTWISE)
 declare(torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like, "new_zeros", "new_ones", rule=like_rule, cost=ELTWISE)
 declare("type_as", rule=type_as_rule, cost=FREE)
