@@ -12,12 +12,21 @@ from torch import nn
 
 
 def _timm_registries() -> tuple[set[type], set[Callable]]:
-    """timm's registered not-traceable modules and functions (empty without timm)."""
+    """timm's registered not-traceable modules and functions (empty without timm).
+
+    Read through timm's public ``get_notrace_modules`` / ``get_notrace_functions`` (present in
+    every timm the project supports, 1.0.20 onwards).  Only a timm without them, older than the
+    supported range, is read through the private ``timm.layers._fx`` sets they return copies of.
+    """
     try:
-        from timm.layers import _fx
+        import timm.layers as layers
     except ImportError:  # pragma: no cover - timm is a dependency, but keep tracing usable
         return set(), set()
-    return set(getattr(_fx, "_leaf_modules", ())), set(getattr(_fx, "_autowrap_functions", ()))
+    if hasattr(layers, "get_notrace_modules") and hasattr(layers, "get_notrace_functions"):
+        return set(layers.get_notrace_modules()), set(layers.get_notrace_functions())
+    from timm.layers import _fx  # pragma: no cover - timm older than the supported range
+
+    return set(getattr(_fx, "_leaf_modules", ())), set(getattr(_fx, "_autowrap_functions", ()))  # pragma: no cover
 
 
 GROWN_SHAPE_KEY = "vitgraph.grown_shape"  # a node's tensor shape at the example batch + 1
