@@ -15,7 +15,6 @@ Every pass copies the GraphModule and returns a new one; the input is not mutate
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Union
@@ -28,7 +27,7 @@ from torch import nn
 from vitgraph.analysis.context import META_KEY, TensorDims, node_shapes
 from vitgraph.analysis.ops import OPS
 from vitgraph.errors import PlanError
-from vitgraph.passes.scoring_common import cycle, split_batch
+from vitgraph.passes.training import fit, rank_loader
 
 if TYPE_CHECKING:
     from vitgraph.analysis.engine import Analysis
@@ -363,31 +362,29 @@ def train_exits(
     params = head_params + (list(exit_model.backbone_parameters()) if train_backbone else [])
     opt = torch.optim.AdamW(params, lr=lr)
     was = exit_model.training
-    exit_model.train()
+    with_final = train_backbone and bool(final_weight)
+
+    def step_loss(net: nn.Module, x: tuple, y: Any) -> torch.Tensor:
+        *exits, final = net(*x)
+        loss = sum(loss_fn(e, y) for e in exits)
+        if with_final:
+            loss = loss + final_weight * loss_fn(final[0] if isinstance(final, (tuple, list)) else final, y)
+        return loss
+
+    def on_step(step: int, loss: torch.Tensor) -> None:
+        if log_every and step % log_every == 0:
+            rec = {"step": step, "loss": float(loss.detach())}
+            log.info("exits step %d: loss %.4f", step, rec["loss"])
+            if callback is not None:
+                callback(rec)
+
     losses: list[float] = []
-    it = itertools.count() if steps is None else range(steps)
-    batches = cycle(data, once=steps is None)
     try:
-        for step in it:
-            batch = next(batches, None)
-            if batch is None:
-                break
-            x, y = split_batch(batch)
-            x = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in x)
-            y = y.to(dev) if isinstance(y, torch.Tensor) else y
-            *exits, final = exit_model(*x)
-            loss = sum(loss_fn(e, y) for e in exits)
-            if train_backbone and final_weight:
-                loss = loss + final_weight * loss_fn(final[0] if isinstance(final, (tuple, list)) else final, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            if log_every and step % log_every == 0:
-                rec = {"step": step, "loss": losses[-1]}
-                log.info("exits step %d: loss %.4f", step, losses[-1])
-                if callback is not None:
-                    callback(rec)
+        exit_model.train()
+        if steps != 0:  # (0 steps: data is not read)
+            # a trained backbone without the final loss leaves the blocks after the last exit unused
+            losses = fit(exit_model, rank_loader(data), step_loss, opt, epochs=None if steps is not None else 1,
+                         steps=steps, device=dev, on_step=on_step, find_unused=train_backbone and not with_final)
     finally:
         exit_model.train(was)
         for p in exit_model.backbone_parameters():

@@ -8,11 +8,13 @@ Two losses, as the papers' code uses them:
   CNN's argmax while the class-token logits learn the labels (a model without a distillation
   output learns both from its one output).
 
-Masked fine-tuning keeps a plan's removed channels at zero after every step (:class:`MaskKeeper`).
-Under torchrun the batches are split over ranks and gradients averaged (plain data parallelism).
+Masked fine-tuning keeps a plan's removed channels at zero (:class:`MaskKeeper`: a
+``torch.nn.utils.parametrize`` mask on each pruned parameter while fine-tuning runs).  Training runs
+in ``passes.training``: under torchrun, DistributedDataParallel over a DistributedSampler's shares.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,10 +23,11 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
-from vitgraph.distributed import average_gradients, is_distributed, shard, world_size
 from vitgraph.passes.mask import kept_elements
-from vitgraph.passes.scoring_common import logits_of, split_batch, to_device
+from vitgraph.passes.scoring_common import logits_of
+from vitgraph.passes.training import batches_per_epoch, fit, rank_loader
 
 log = logging.getLogger("vitgraph.recovery")
 
@@ -40,30 +43,62 @@ class FinetuneLog:
     steps: int = 0
 
 
+class _Keep(nn.Module):
+    """Parametrization: the tensor with the elements a plan removes at zero."""
+
+    def __init__(self, keep: torch.Tensor) -> None:
+        super().__init__()
+        self.removed = ~keep  # not a buffer: DistributedDataParallel need not broadcast it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.masked_fill(self.removed, 0)
+
+
 class MaskKeeper:
-    """Zeroes, in place, the parameter slices a plan removes (keep a masked model masked)."""
+    """Keeps the parameter slices a plan removes at zero while fine-tuning (``with keeper:``).
+
+    Inside the ``with`` block every pruned parameter is parametrized (``torch.nn.utils.parametrize``)
+    as its stored values with the removed elements at zero, so the forward pass never sees them and
+    their gradient is zero; leaving the block stores the masked values back into the parameter
+    (same tensor objects) and removes the parametrizations.  :func:`finetune` enters it itself.
+    """
 
     def __init__(self, model: nn.Module, analysis: Any, plan: Any) -> None:
         sel = plan.selection(analysis)
         tensors = dict(model.named_parameters())
-        self._zero: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.model = model
+        self._keep: dict[str, torch.Tensor] = {}
         for name, td in analysis.params.items():
             t = tensors.get(name)
             keep = kept_elements(t.shape, td.dims, sel) if t is not None else None
             if keep is not None:
-                self._zero.append((t, keep.to(t.device)))
+                self._keep[name] = keep
+        self._active: list[tuple[nn.Module, str]] = []
 
-    @torch.no_grad()
-    def apply(self) -> None:
-        """Zero the removed slices (call after every optimizer step)."""
-        for t, keep in self._zero:
-            t.masked_fill_(~keep, 0)
+    def __enter__(self) -> "MaskKeeper":
+        if self._active:
+            raise RuntimeError("MaskKeeper is already active")
+        params = dict(self.model.named_parameters())
+        masked = {id(params[n]): keep for n, keep in self._keep.items()}
+        try:
+            # every module attribute holding a masked parameter (a tied parameter has several)
+            for name, p in list(self.model.named_parameters(remove_duplicate=False)):
+                if id(p) not in masked:
+                    continue
+                owner, _, attr = name.rpartition(".")
+                module = self.model.get_submodule(owner)
+                keep = masked[id(p)].to(p.device)
+                parametrize.register_parametrization(module, attr, _Keep(keep))
+                self._active.append((module, attr))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
 
-    def zero_grads(self) -> None:
-        """Zero the gradients of removed slices (so momentum never revives them)."""
-        for t, keep in self._zero:
-            if t.grad is not None:
-                t.grad.masked_fill_(~keep, 0)
+    def __exit__(self, *exc: Any) -> None:
+        while self._active:
+            module, attr = self._active.pop()
+            parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
 
 
 def distill_loss(
@@ -119,56 +154,39 @@ def finetune(
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if loss == "nvit" and teacher is None and cnn_teacher is None:
         raise ValueError("the nvit loss needs a teacher (the original model) or a cnn_teacher")
+    if keeper is not None and keeper.model is not student:
+        raise ValueError("keeper was made for another model (MaskKeeper(student, analysis, plan))")
     if device is not None:
         student.to(device)
         for t in (teacher, cnn_teacher):
             if t is not None:
                 t.to(device)
-    if is_distributed():  # identical starting weights on every rank
-        for p in student.parameters():
-            torch.distributed.broadcast(p.data, 0)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    total = max_steps or epochs * (_len_or(data, 0) // world_size())
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(total, 1)) if total else None
+    batches = rank_loader(data)
     for t in (teacher, cnn_teacher):
         if t is not None:
             t.eval()
-    student.train()
     out = FinetuneLog()
     t0 = time.perf_counter()
-    for _ in range(epochs):
-        for batch in shard(data, even=True):
-            inputs, targets = split_batch(to_device(batch, device))
-            with torch.no_grad():
-                tl = logits_of(teacher(*inputs)) if teacher is not None else None
-                cl = logits_of(cnn_teacher(*inputs)) if cnn_teacher is not None else None
-            l = distill_loss(student(*inputs), targets, tl, loss, alpha, tau, kd_weight, cl)
-            opt.zero_grad(set_to_none=True)
-            l.backward()
-            average_gradients(student)
-            if keeper is not None:
-                keeper.zero_grads()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            if keeper is not None:
-                keeper.apply()
-            out.losses.append(float(l.detach()))
-            out.steps += 1
-            if log_every and out.steps % log_every == 0:
-                log.info("finetune step %d loss %.4f (%.1f s)", out.steps, out.losses[-1], time.perf_counter() - t0)
-            if max_steps is not None and out.steps >= max_steps:
-                break
-        if max_steps is not None and out.steps >= max_steps:
-            break
+
+    def step_loss(net: nn.Module, inputs: tuple, targets: Any) -> torch.Tensor:
+        with torch.no_grad():
+            tl = logits_of(teacher(*inputs)) if teacher is not None else None
+            cl = logits_of(cnn_teacher(*inputs)) if cnn_teacher is not None else None
+        return distill_loss(net(*inputs), targets, tl, loss, alpha, tau, kd_weight, cl)
+
+    def on_step(step: int, value: torch.Tensor) -> None:
+        if log_every and (step + 1) % log_every == 0:
+            log.info("finetune step %d loss %.4f (%.1f s)", step + 1, float(value.detach()), time.perf_counter() - t0)
+
+    with keeper if keeper is not None else contextlib.nullcontext():
+        params = [p for p in student.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        total = max_steps or epochs * (batches_per_epoch(batches) or 0)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(total, 1)) if total else None
+        student.train()
+        out.losses = fit(student, batches, step_loss, opt, epochs=epochs, steps=max_steps, scheduler=sched,
+                         device=device, on_step=on_step)
+    out.steps = len(out.losses)
     student.eval()
     out.seconds = time.perf_counter() - t0
     return out
-
-
-def _len_or(data: Any, default: int) -> int:
-    try:
-        return len(data)
-    except TypeError:
-        return default

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -9,7 +10,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from vitgraph.distributed import shard
+from vitgraph.distributed import rank, world_size
 
 log = logging.getLogger("vitgraph.score")
 
@@ -28,22 +29,16 @@ def split_batch(batch: Any) -> tuple[tuple[Any, ...], Any]:
 
 
 def scoring_batches(data: Iterable[Any], max_batches: Optional[int], device: Optional[torch.device]) -> Iterator[tuple[tuple[Any, ...], Any]]:
-    """``(inputs, targets)`` of this rank's share of ``data`` (at most ``max_batches``), on ``device``."""
-    for i, batch in enumerate(shard(data)):
-        if max_batches is not None and i >= max_batches:
-            return
+    """``(inputs, targets)`` of this rank's share of ``data`` (at most ``max_batches``), on ``device``.
+
+    Under torchrun rank ``r`` of ``N`` scores batches ``r, r + N, ...``: every batch exactly once
+    over the ranks, so the summed statistics are those of one process.  (A DistributedSampler
+    would pad or drop batches to give every rank the same number, which training needs and sums
+    must not have.)
+    """
+    share = itertools.islice(data, rank(), None, world_size())
+    for batch in itertools.islice(share, max_batches):
         yield split_batch(to_device(batch, device))
-
-
-def cycle(data: Any, once: bool = False) -> Iterator[Any]:
-    """Batches of ``data`` again and again (``once``: a single pass); a one-shot iterator runs dry."""
-    while True:
-        empty = True
-        for batch in data:
-            empty = False
-            yield batch
-        if once or empty or iter(data) is data:
-            return
 
 
 def to_device(x: Any, device: Optional[torch.device]) -> Any:

@@ -1,13 +1,16 @@
-"""torch.distributed helpers: shard batches over ranks and sum scores across them.
+"""torch.distributed helpers: the process group under torchrun and sums of scores across ranks.
 
-Scoring and fine-tuning run unchanged under ``torchrun``: each rank takes every ``world``-th
-batch, and per-unit sums are all-reduced, so N processes produce the scores one process would
-on the same batches (up to float summation order).
+Scoring and training run unchanged under ``torchrun``.  The score passes take every ``world``-th
+batch (``passes.scoring_common.scoring_batches``) and all-reduce their per-unit sums
+(:func:`all_reduce_sum`), so N processes produce the scores one process would on the same batches
+(up to float summation order).  Training (``passes.training``) uses DistributedDataParallel and a
+DistributedSampler.  Scores are statistics, not gradients of a model's parameters, so
+DistributedDataParallel cannot reduce them: :func:`all_reduce_sum` does.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -54,26 +57,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def shard(data: Iterable[Any], even: bool = False) -> Iterator[Any]:
-    """The batches of ``data`` this rank handles: every ``world``-th, starting at ``rank``.
-
-    ``even`` drops the last ``len(data) % world`` batches so every rank takes the same number of
-    steps (needed when ranks synchronise every step, as in data-parallel training).
-    """
-    r, w = rank(), world_size()
-    limit = None
-    if even and w > 1:
-        try:
-            limit = len(data) - len(data) % w  # type: ignore[arg-type]
-        except TypeError:
-            raise ValueError("data-parallel training under torchrun needs data with a len()") from None
-    for i, batch in enumerate(data):
-        if limit is not None and i >= limit:
-            break
-        if i % w == r:
-            yield batch
-
-
 def all_reduce_sum(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Sum every tensor across ranks (a no-op outside torch.distributed)."""
     out = {k: v.detach().clone() for k, v in values.items()}
@@ -82,14 +65,3 @@ def all_reduce_sum(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     for k in sorted(out):  # same order on every rank
         dist.all_reduce(out[k], op=dist.ReduceOp.SUM)
     return out
-
-
-def average_gradients(module: torch.nn.Module) -> None:
-    """Average parameter gradients across ranks (plain data parallelism without DDP wrapping)."""
-    if not is_distributed():
-        return
-    w = world_size()
-    for p in module.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad /= w
