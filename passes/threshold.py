@@ -107,10 +107,6 @@ class _Gate:
     def n(self) -> int:
         return self.shape[-1]
 
-    @property
-    def units(self) -> int:
-        return int(np.prod(self.shape))
-
     def count(self, r: torch.Tensor) -> int:
         """Kept units (per row) for keep ratio ``r``: ``ceil(r * N)`` rounded up to ``step``."""
         k = math.ceil(float(r.detach()) * self.n - 1e-6)
