@@ -7,6 +7,7 @@ import os
 import platform
 import re
 import time
+import timeit
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -84,6 +85,16 @@ def measure_latency(
 
     Every round runs ``reps`` timed calls of each candidate in turn, and the candidate order is
     rotated each round, so slow drifts of the machine (thermal, other load) hit all alike.
+
+    Each call is one sample, timed by the standard library's ``timeit.Timer`` (``repeat(reps,
+    number=1)``: ``time.perf_counter``, the garbage collector paused while a call is timed).
+    ``torch.utils.benchmark.Timer`` runs that same ``timeit.Timer`` but cannot keep this
+    function's contract: its ``timeit(n)`` adds ``max(n // 100, 2)`` untimed warm-up calls to
+    every measurement and returns one mean (so ``warmup=0`` and one-call pairings, as
+    ``benchmarks/latency.py`` times, are impossible and a one-call round costs three calls);
+    ``blocked_autorange`` chooses how many calls to time by elapsed time rather than ``reps``;
+    and it pins torch to one thread and synchronises the accelerator unless told otherwise.
+    The callables synchronise themselves where they need to (:func:`torch_runner` does).
     """
     if not fns:
         raise ValueError("measure_latency needs at least one callable")
@@ -93,22 +104,13 @@ def measure_latency(
     for name in names:
         for _ in range(warmup):
             fns[name]()
+    timers = {name: timeit.Timer(fns[name], timer=time.perf_counter) for name in names}
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            samples[name].extend(_time_calls(fns[name], reps))
+            samples[name].extend(s * 1e3 for s in timers[name].repeat(repeat=reps, number=1))
     return {name: _summarise(samples[name]) for name in names}
-
-
-def _time_calls(fn: Callable[[], Any], reps: int) -> list[float]:
-    """Wall time in ms of ``reps`` consecutive calls, one sample per call."""
-    out = []
-    for _ in range(reps):
-        start = time.perf_counter_ns()
-        fn()
-        out.append((time.perf_counter_ns() - start) / 1e6)
-    return out
 
 
 def _summarise(samples_ms: Sequence[float]) -> LatencyStats:

@@ -24,6 +24,7 @@ import os
 import platform
 import tempfile
 import time
+import timeit
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -205,20 +206,19 @@ def _time(fn: Callable[[], None], reps: int, min_time_ms: float) -> float:
     """Fastest per-call ms over ``reps`` samples, each long enough to be timed (>= min_time_ms / reps).
 
     The minimum, not the median: on a shared machine load only ever adds time, and a table point
-    should hold the op's own cost.
+    should hold the op's own cost.  One warm-up call, one timed call to size the samples, then
+    ``timeit.Timer.repeat(reps, number=inner)`` (the standard library's timer, garbage collector
+    paused while timing).  ``torch.utils.benchmark.Timer`` is that ``timeit.Timer`` plus what
+    does not fit here: ``timeit(n)`` adds ``max(n // 100, 2)`` warm-up calls to each sample,
+    which triples the cost of the slow ops a table is mostly made of (one call per sample);
+    ``blocked_autorange`` sizes blocks for timer overhead and stops on elapsed time, leaving one
+    or two samples of a 20 ms budget for the minimum; and its defaults pin torch to one thread.
     """
     fn()
-    t0 = time.perf_counter()
-    fn()
-    one = max((time.perf_counter() - t0) * 1e3, 1e-4)
+    timer = timeit.Timer(fn, timer=time.perf_counter)
+    one = max(timer.timeit(number=1) * 1e3, 1e-4)
     inner = max(1, int(min_time_ms / reps / one))
-    samples = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            fn()
-        samples.append((time.perf_counter() - t0) * 1e3 / inner)
-    return float(np.min(samples))
+    return min(timer.repeat(repeat=reps, number=inner)) * 1e3 / inner
 
 
 def _torch_op(family: str, dims: tuple[int, ...], device: str, threads: Optional[int]) -> Callable[[], None]:
