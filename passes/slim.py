@@ -37,6 +37,7 @@ def slim(analysis: Any, sel: Selection) -> fx.GraphModule:
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)  # (outputs rebuilt as the model returns them)
     rc = RewriteContext(sel, root)
     split_ragged_sections(rc, graph, analysis.store)
     for node in list(graph.nodes):

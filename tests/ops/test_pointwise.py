@@ -29,6 +29,7 @@ def _declared_activation_modules() -> list[type]:
     return sorted(mods, key=lambda t: t.__name__)
 
 
+@pytest.mark.filterwarnings("ignore:dropout2d")
 @pytest.mark.parametrize("act", _declared_activation_modules(), ids=lambda t: t.__name__)
 def test_every_pointwise_module_keeps_the_hidden_width(act):
     m = build(Mlp, act)

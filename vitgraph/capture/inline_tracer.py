@@ -41,6 +41,8 @@ class ShapedProxy(fx.Proxy):
     def dtype(self) -> Any:
         if self._tensors and self.tracer.static_dtype:
             return self.pair[0].dtype
+        if self._tensors:  # symbolic, but with its value known (a cast to it can be evaluated)
+            return self.tracer.create_proxy("call_function", getattr, (self, "dtype"), {})
         return Attribute(self, "dtype")
 
     @property
@@ -79,6 +81,8 @@ def _side(v: Any, k: int) -> Any:
         return v.pair[k]
     if isinstance(v, fx.Proxy):
         raise LookupError("no meta value")
+    if isinstance(v, torch.Tensor) and v.device.type != "meta":
+        return v.to("meta")  # a constant the traced code made (a mask): evaluated beside the meta values
     if isinstance(v, (list, tuple)):
         return type(v)(_side(x, k) for x in v) if not hasattr(v, "_fields") else type(v)(*(_side(x, k) for x in v))
     if isinstance(v, dict):
@@ -110,8 +114,9 @@ class InlineTracer(ViTTracer):
         return p
 
     def _values(self, kind: str, target: Any, args: tuple, kwargs: dict) -> Pair:
-        if kind == "placeholder":
-            return self.inputs.get(target)
+        if kind == "placeholder":  # an input, or a root argument fixed to its default (args: the default)
+            pair = self.inputs.get(target)
+            return pair if pair is not None or not args or not _plain(args[0]) else (args[0], args[0])
         if kind == "get_attr":
             t = _lookup(self.root, target)
             m = t.to("meta") if isinstance(t, torch.Tensor) else None

@@ -11,6 +11,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from vitgraph.capture.inline_tracer import InlineTracer, LooseInlineTracer
 from vitgraph.capture.inlining import inline_opaque
 from vitgraph.capture.lowering import lower
 from vitgraph.capture.tracer import _SAFE_LEAVES, GROWN_SHAPE_KEY, VALUE_KEY, ViTTracer, preserved_state
@@ -45,8 +46,17 @@ def _defaults_beyond(model: nn.Module, n_inputs: int) -> dict[str, Any]:
     return out
 
 
-def _trace_once(model: nn.Module, honour_timm: bool, n_inputs: int = 1) -> fx.GraphModule:
-    tracer = ViTTracer(honour_timm)
+def _trace_once(model: nn.Module, honour_timm: bool, n_inputs: int = 1,
+                shaped: Optional[Sequence[torch.Tensor]] = None, tracer_cls: type = ViTTracer) -> fx.GraphModule:
+    """One symbolic trace of ``model``.  With ``shaped`` (the example inputs) the tracer is a
+    meta-value tracer (``inline_tracer``): every proxy carries the values at the example batch
+    and the batch + 1, so the model's own Python control flow on static sizes, dtypes and
+    channel counts (``if num_channels != self.num_channels``) is followed."""
+    tracer = tracer_cls(honour_timm)
+    if shaped is not None:
+        tracer.inputs = _input_pairs(model, shaped)
+        p = next(iter(model.parameters()), None)
+        tracer.static_device = p.device if p is not None else torch.device("cpu")
     try:
         with preserved_state(model):  # (the GraphModule takes the constants tracing put on model)
             graph = tracer.trace(model, concrete_args=_defaults_beyond(model, n_inputs) or None)
@@ -60,6 +70,43 @@ def _trace_once(model: nn.Module, honour_timm: bool, n_inputs: int = 1) -> fx.Gr
         ) from e
 
 
+def _input_pairs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Meta values of each example input at its batch and at the batch + 1, by the name of the
+    ``forward`` argument it binds to."""
+    import inspect
+
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in inspect.signature(model.forward).parameters.values() if p.kind in kinds]
+    out = {}
+    for name, t in zip(names, inputs):
+        grown = (t.shape[0] + 1, *t.shape[1:]) if t.dim() else ()
+        out[name] = (torch.empty(t.shape, dtype=t.dtype, device="meta"), torch.empty(grown, dtype=t.dtype, device="meta"))
+    return out
+
+
+# how the graph was captured, tried in this order (``Analysis.front_end`` says which one worked)
+FRONT_ENDS = ("symbolic", "symbolic, timm's not-traceable modules opaque", "meta-value proxies",
+              "meta-value proxies, dtypes symbolic")
+FRONT_END_KEY = "vitgraph.front_end"
+
+
+def _capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
+    n = len(example_inputs)
+    tries = ((False, None, ViTTracer), (True, None, ViTTracer), (False, example_inputs, InlineTracer),
+             (False, example_inputs, LooseInlineTracer))
+    failures: list[tuple[str, TraceError]] = []
+    for name, (honour, shaped, cls) in zip(FRONT_ENDS, tries):
+        try:
+            gm = _trace_once(model, honour_timm=honour, n_inputs=n, shaped=shaped, tracer_cls=cls)
+        except TraceError as e:
+            failures.append((name, e))
+            continue
+        gm.meta[FRONT_END_KEY] = name
+        return gm
+    (first_name, first), (last_name, last) = failures[0], failures[-1]
+    raise TraceError(f"{first} [front end: {first_name}; the last one tried, {last_name}, failed with: {last}]") from first
+
+
 def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor],
           known: Optional[Callable[[fx.GraphModule, fx.Node], bool]] = None) -> fx.GraphModule:
     """Trace ``model`` and annotate every node with its tensor metadata (``node.meta['tensor_meta']``).
@@ -70,19 +117,16 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor],
 
     Tracing first goes through every module; if that fails it retries with timm's registered
     leaf modules and wrapped functions kept opaque (their channels are then frozen by the
-    analysis), and raises :class:`TraceError` naming the module and source line if both fail.
+    analysis), then with proxies that carry meta values (the model's control flow on static
+    sizes and dtypes is followed, as transformers' models need); it raises :class:`TraceError`
+    with the first failure, naming the module and source line, if every front end fails.
+    ``gm.meta[FRONT_END_KEY]`` names the one that worked (see :data:`FRONT_ENDS`).
     """
     is_opaque = functools.partial(_is_opaque, known=known)
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        try:
-            gm = _trace_once(model, honour_timm=False, n_inputs=len(example_inputs))
-        except TraceError as first:
-            try:
-                gm = _trace_once(model, honour_timm=True, n_inputs=len(example_inputs))
-            except TraceError:
-                raise first from None
+        gm = _capture(model, example_inputs)
         gm.meta["vitgraph.honour_timm"] = False
         lower(gm)
         _propagate_shapes(gm, example_inputs)

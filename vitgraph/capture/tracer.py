@@ -9,6 +9,8 @@ import torch.fx as fx
 import torch.fx._symbolic_trace as _fx_trace
 from torch import nn
 
+from vitgraph.capture.wrapped import restore_output_structure, through_wrapper
+
 
 
 def _timm_registries() -> tuple[set[type], set[Callable]]:
@@ -105,10 +107,23 @@ class ViTTracer(fx.Tracer):
     def trace(self, root: Any, concrete_args: Optional[dict[str, Any]] = None) -> fx.Graph:
         """fx tracing, immune to dead entries in fx's wrapped-function table; fx's own guard
         functions in the result are replaced by leaves that re-trace safely."""
+        self._raw_output = None
         with _without_dead_wraps():
             graph = super().trace(root, concrete_args)
         _use_safe_leaves(graph)
+        restore_output_structure(graph, self._raw_output)
         return graph
+
+    def create_args_for_root(self, root_fn: Callable, is_module: bool, concrete_args: Any = None) -> Any:
+        """fx's placeholders for the root, through a decorator on ``forward`` (see ``wrapped.py``);
+        the root's raw return value is kept, so its container type can be restored."""
+        fn, args = super().create_args_for_root(through_wrapper(root_fn), is_module, concrete_args)
+
+        def recording(*a: Any, **k: Any) -> Any:
+            self._raw_output = fn(*a, **k)
+            return self._raw_output
+
+        return recording, args
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
         """Parameters and buffers become get_attr nodes (found by identity in O(1), not by a scan)."""
