@@ -21,11 +21,12 @@ import torch
 
 from vitgraph.check import check_model
 from vitgraph.deploy.measure import format_table, write_results_md
-from vitgraph.models import load_model
+from vitgraph.models import load_model, parse_model_args
 
 
 def read_list(path: str) -> list[str]:
-    """Model names from a file: one per line, ``#`` comments and blank lines ignored."""
+    """Model specs from a file: one per line (a name, then any ``KEY=VALUE`` model arguments,
+    space-separated), ``#`` comments and blank lines ignored."""
     names = []
     for line in Path(path).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(names)}] {name} ...", flush=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model, x = load_model(name, batch=2)
+            spec, *model_args = name.split()
+            model, x = load_model(spec, batch=2, model_args=parse_model_args(model_args))
             rep = check_model(model, x, name=name, ratio=a.ratio, onnx=not a.no_onnx)
         row = rep.row()
         print("    " + "  ".join(f"{k}={v}" for k, v in row.items() if k != "model"), flush=True)

@@ -21,7 +21,7 @@ from vitgraph.errors import VitgraphError
 __all__ = ["SOURCE_FILE", "PLAN_FILE", "WEIGHTS_FILE", "Source", "is_artifact", "load", "save"]
 
 SOURCE_FILE, PLAN_FILE, WEIGHTS_FILE = "source.json", "plan.json", "model.safetensors"
-_KINDS = ("timm", "torchvision", "vitgraph")
+_KINDS = ("timm", "torchvision", "transformers", "vitgraph")
 SOURCE_VERSION = 1
 
 
@@ -30,7 +30,8 @@ class Source:
     """How to rebuild a base architecture with random weights.
 
     ``kind`` is ``"timm"`` (``name`` for ``timm.create_model``, ``kwargs`` passed on),
-    ``"torchvision"`` (``torchvision.models.get_model(name, **kwargs)``) or ``"vitgraph"`` (an
+    ``"torchvision"`` (``torchvision.models.get_model(name, **kwargs)``), ``"transformers"``
+    (``name`` a transformers model class, ``kwargs`` the fields of its config) or ``"vitgraph"`` (an
     earlier result: ``base`` is its source, ``plan`` the JSON text of the plan that slimmed it).
     ``input_size`` is the example input's ``(C, H, W)``.
     """
@@ -58,6 +59,8 @@ class Source:
                 return torchvision.models.get_model(self.name, weights=None, **self.kwargs).eval()
             except (ValueError, TypeError) as e:
                 raise VitgraphError(f"cannot build torchvision model {self.name!r}: {e}") from e
+        if self.kind == "transformers":
+            return build_transformers(self.name, self.kwargs)
         from vitgraph.api import compress
         from vitgraph.planning.plan import Plan
 
@@ -148,3 +151,25 @@ def load(path: Union[str, Path]) -> nn.Module:
 def nested(source: Source, plan: Any) -> Source:
     """The source of ``compress(source.build(), plan)``: what a result pruned again is built from."""
     return Source("vitgraph", input_size=source.input_size, base=source, plan=plan.to_json(indent=None))
+
+
+def transformers_class(name: str) -> type:
+    """The transformers model class ``name`` (``ViTForImageClassification``)."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise VitgraphError("HuggingFace models need transformers: pip install -e \".[hf]\"") from e
+    cls = getattr(transformers, name, None)
+    if not isinstance(cls, type) or not hasattr(cls, "config_class"):
+        raise VitgraphError(f"{name!r} is not a transformers model class")
+    return cls
+
+
+def build_transformers(name: str, config: dict[str, Any]) -> nn.Module:
+    """A transformers model of class ``name`` with random weights, from its config's fields
+    (the defaults where ``config`` does not say)."""
+    cls = transformers_class(name)
+    try:
+        return cls(cls.config_class(**config)).eval()
+    except (TypeError, ValueError) as e:
+        raise VitgraphError(f"cannot build transformers model {name} with config {config}: {e}") from e

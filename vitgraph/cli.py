@@ -13,7 +13,7 @@ import torch
 from vitgraph.analysis.kinds import PRUNABLE_KINDS
 from vitgraph.errors import VitgraphError
 from vitgraph import artifact
-from vitgraph.models import load_model_and_source
+from vitgraph.models import load_model_and_source, parse_model_args
 
 
 @contextlib.contextmanager
@@ -87,8 +87,7 @@ def _score(a: argparse.Namespace) -> int:
     with step(f"analyzing {a.model}"):
         an = analyze(model, x, prune_outputs=a.prune_outputs)
     data = None if a.method == "magnitude" else _score_data(a, model, x)
-    opts = dict(kv.split("=", 1) for kv in a.option)
-    opts = {k: _literal(v) for k, v in opts.items()}
+    opts = parse_model_args(a.option, "--option")
     if a.method == "threshold":  # thresholds learn widths toward --target themselves
         kind, _, frac = a.target.partition(":")
         opts.setdefault("budget", kind)
@@ -114,22 +113,8 @@ def _score(a: argparse.Namespace) -> int:
 
 def _load(a: argparse.Namespace):
     """The command's model, example input and source, from MODEL, --input-size, --model-arg, --checkpoint."""
-    args = {}
-    for item in a.model_arg:
-        key, eq, value = item.partition("=")
-        if not eq or not key.isidentifier():
-            raise VitgraphError(f"--model-arg must be KEY=VALUE with KEY a Python name, got {item!r}")
-        args[key] = _literal(value)
+    args = parse_model_args(a.model_arg)
     return load_model_and_source(a.model, a.input_size, model_args=args, checkpoint=a.checkpoint)
-
-
-def _literal(v: str) -> object:
-    import ast
-
-    try:
-        return ast.literal_eval(v)
-    except (ValueError, SyntaxError):
-        return v
 
 
 def cmd_compress(a: argparse.Namespace) -> int:
@@ -192,11 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def model_cmd(name: str, help: str, analyzes: bool = True) -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help)
-        s.add_argument("model", help="timm model name or torchvision:NAME (random weights), a vitgraph compress "
-                       "--out directory, or path to a saved module")
-        s.add_argument("--input-size", help="C,H,W of the example input (default: the timm config)")
+        s.add_argument("model", help="timm model name or torchvision:NAME (random weights), hf:CLASS (a transformers "
+                       "model class, random weights) or hf:DIR (a local HuggingFace model directory), a vitgraph "
+                       "compress --out directory, or path to a saved module")
+        s.add_argument("--input-size", help="C,H,W of the example input (default: the model's config)")
         s.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                       help="keyword argument for timm.create_model / torchvision get_model (num_classes=10, img_size=160)")
+                       help="keyword argument for timm.create_model / torchvision get_model (num_classes=10, "
+                       "img_size=160), or a config field of hf:CLASS (hidden_size=192)")
         s.add_argument("--checkpoint", metavar="FILE",
                        help="state dict to load (.safetensors, or .pth/.pt read with weights_only=True)")
         if analyzes:

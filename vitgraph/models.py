@@ -26,7 +26,10 @@ def load_model_and_source(spec: str, input_size: Optional[str] = None, batch: in
                           checkpoint: Optional[str] = None) -> tuple[nn.Module, torch.Tensor, Optional[Source]]:
     """A model, an example input, and the :class:`Source` that rebuilds the model's architecture.
 
-    ``spec`` is a timm model name, ``torchvision:<name>`` for ``torchvision.models``, a directory
+    ``spec`` is a timm model name, ``torchvision:<name>`` for ``torchvision.models``,
+    ``hf:<class>`` for a transformers model class built from its default config (``model_args``
+    set config fields), ``hf:<dir>`` for a local HuggingFace model directory (``config.json`` and
+    weights, as ``save_pretrained`` writes; nothing is downloaded), a directory
     written by ``vitgraph compress`` (its weights are loaded; pruning it again records it as the
     base), or the path of a module saved with ``torch.save(model, path)`` (then ``input_size`` is
     required and there is no source: unpickling runs code from the file, so only load files you
@@ -58,6 +61,9 @@ def load_model_and_source(spec: str, input_size: Optional[str] = None, batch: in
         if shape is None:
             raise VitgraphError(f"--input-size is required for a saved module ({spec})")
         source = None
+    elif spec.startswith("hf:"):
+        model, source = _transformers_model(spec[3:], kwargs)
+        shape = shape or _transformers_input_size(model.config)
     elif spec.startswith("torchvision:"):
         source = Source("torchvision", spec.split(":", 1)[1], kwargs)
         model = source.build()
@@ -78,6 +84,40 @@ def load_model_and_source(spec: str, input_size: Optional[str] = None, batch: in
     return model.eval(), torch.randn(batch, *shape), source
 
 
+def _transformers_model(what: str, config: dict[str, Any]) -> tuple[nn.Module, Source]:
+    """A transformers model from a local model directory (its weights) or a class name (random)."""
+    from vitgraph.artifact import build_transformers, transformers_class
+
+    path = Path(what)
+    if not path.is_dir():
+        source = Source("transformers", what, config)
+        return build_transformers(what, config), source
+    if config:
+        raise VitgraphError(f"model arguments {sorted(config)} apply to hf:<class>, not to the directory {what}")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise VitgraphError(f"{what} is not a HuggingFace model directory (no config.json)")
+    import json
+
+    fields = json.loads(cfg_file.read_text())
+    archs = fields.get("architectures") or []
+    if not archs:
+        raise VitgraphError(f"{cfg_file} names no model class (its 'architectures' field is empty)")
+    cls = transformers_class(archs[0])
+    try:
+        model = cls.from_pretrained(str(path), local_files_only=True).eval()
+    except (OSError, ValueError) as e:
+        raise VitgraphError(f"cannot load the HuggingFace model in {what}: {e}") from e
+    return model, Source("transformers", archs[0], model.config.to_diff_dict())
+
+
+def _transformers_input_size(config: Any) -> tuple[int, int, int]:
+    """``(C, H, W)`` of a transformers vision config (``num_channels``, ``image_size``)."""
+    size = getattr(config, "image_size", 224)
+    h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
+    return int(getattr(config, "num_channels", 3)), int(h), int(w)
+
+
 def _timm_input_size(model: nn.Module, kwargs: Mapping[str, Any]) -> tuple[int, ...]:
     """The input size of a timm model: its config's, with timm's ``img_size``/``in_chans`` arguments applied."""
     c, h, w = model.pretrained_cfg.get("input_size", (3, 224, 224))
@@ -87,6 +127,23 @@ def _timm_input_size(model: nn.Module, kwargs: Mapping[str, Any]) -> tuple[int, 
     elif isinstance(size, (tuple, list)) and len(size) == 2:
         h, w = size
     return (int(kwargs.get("in_chans", c)), int(h), int(w))
+
+
+def parse_model_args(items: Any, flag: str = "--model-arg") -> dict[str, Any]:
+    """``["KEY=VALUE", ...]`` as keyword arguments; values are Python literals where they parse
+    (``10``, ``[1,1,2,1]``, ``True``), else strings."""
+    import ast
+
+    args: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = str(item).partition("=")
+        if not eq or not key.isidentifier():
+            raise VitgraphError(f"{flag} must be KEY=VALUE with KEY a Python name, got {item!r}")
+        try:
+            args[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            args[key] = value
+    return args
 
 
 def _parse_size(text: str) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ from vitgraph.errors import AnalysisError, TraceError
 from vitgraph.gc_hold import holds_existing_objects
 from vitgraph.analysis.ops.common import get_attr_dims, no_rule, output_dims, placeholder_dims
 from vitgraph.analysis.ops.registry import lookup_rule
-from vitgraph.capture.trace import trace
+from vitgraph.capture.trace import FRONT_END_KEY, FRONT_ENDS, trace
 
 
 
@@ -93,6 +93,11 @@ class Analysis:
         """The analysed model, while it is alive."""
         return self._model()
 
+    @property
+    def front_end(self) -> str:
+        """How the model was captured (one of ``vitgraph.capture.trace.FRONT_ENDS``)."""
+        return self.graph_module.meta.get(FRONT_END_KEY, FRONT_ENDS[0])
+
     def group(self, group_id: str) -> ChannelGroup:
         """The group with this id (``KeyError`` listing close ids if unknown)."""
         try:
@@ -155,8 +160,8 @@ class Analysis:
         """Readable summary: groups by kind and frozen channels."""
         by_kind = {k: [g for g in self.groups if g.kind == k] for k in ALL_KINDS}
         head = ", ".join(f"{len(v)} {k}" for k, v in by_kind.items() if v)
-        lines = [f"Analysis of {self.graph_module.__class__.__name__}: {len(self.groups)} groups ({head}); "
-                 f"{len(self.frozen)} frozen channel sets"]
+        lines = [f"Analysis of {self.graph_module.__class__.__name__} (captured by {self.front_end}): "
+                 f"{len(self.groups)} groups ({head}); {len(self.frozen)} frozen channel sets"]
         lines += [f"  {g}" for g in self.groups]
         if self.frozen:
             lines.append("frozen:")

@@ -7,6 +7,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
 
 from vitgraph.analysis.axes import Layout, single
 from vitgraph.analysis.context import RuleContext, TensorDims
@@ -364,6 +366,31 @@ def rewrite_getitem(rc: RewriteContext, node: fx.Node) -> None:
         node.args = (node.args[0], tuple(out) if isinstance(idx, tuple) else out[0])
 
 
+def embedding_dims(ctx: RuleContext, ids: Any, weight: TensorDims) -> Any:
+    """A lookup ``weight[ids]``: the index dims carry no channels; the last dim is the table's rows' width."""
+    shp = ctx.out_shape()
+    if not isinstance(weight, TensorDims) or len(weight.dims) != 2 or shp is None or not shp:
+        return None
+    live = isinstance(ids, TensorDims) and ids.live
+    return TensorDims(tuple(shp), (None,) * (len(shp) - 1) + (weight.dims[1],), live=live)
+
+
+def embedding_module(ctx: RuleContext, node: fx.Node) -> Any:
+    """nn.Embedding (position or token tables looked up by integer ids)."""
+    return embedding_dims(ctx, ctx.dims(node.args[0]), ctx.param(f"{node.target}.weight"))
+
+
+def embedding_function(ctx: RuleContext, node: fx.Node) -> Any:
+    """F.embedding(ids, weight, ...)."""
+    return embedding_dims(ctx, ctx.dims(node.args[0]), ctx.dims(arg(node, 1, "weight")))
+
+
+def rewrite_embedding(rc: RewriteContext, node: fx.Node) -> None:
+    """The table's width follows its (sliced) weight."""
+    m = rc.root.get_submodule(node.target)
+    m.num_embeddings, m.embedding_dim = m.weight.shape
+
+
 # ---------------------------------------------------------------------------------------------
 # declarations
 
@@ -374,3 +401,5 @@ declare(operator.setitem, rule=setitem_rule, cost=ELTWISE)
 declare(operator.getitem, rule=getitem_rule, rewrite=rewrite_getitem, cost=FREE)
 declare(torch.cat, torch.concat, torch.concatenate, rule=cat_rule, cost=ELTWISE)
 declare(torch.stack, rule=stack_rule, cost=ELTWISE)
+declare(nn.Embedding, rule=embedding_module, rewrite=rewrite_embedding, cost=ELTWISE)
+declare(F.embedding, rule=embedding_function, cost=ELTWISE)
