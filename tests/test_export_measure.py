@@ -12,6 +12,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+import vitgraph
 from vitgraph.deploy import export as export_mod
 from vitgraph.deploy.export import DEFAULT_FORMS, ExportError, ExportFallbackWarning, export_onnx, onnx_op_types
 from vitgraph.deploy.measure import (
@@ -323,3 +324,20 @@ def test_write_results_md_and_format_table(tmp_path):
     assert table.splitlines()[0].split() == ["model", "ms", "flops"]
     with pytest.raises(ValueError):
         write_results_md("../escape", "x", rows, results_dir=tmp_path)
+
+
+def test_export_leaves_batchnorm_in_eval_mode(tmp_path):
+    """The TorchScript exporter restores its wrapper's mode recursively: a BatchNorm left in train
+    mode would make the reference at the grown batch use batch statistics (parity then fails)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4)).eval()
+    with torch.no_grad():  # running statistics far from a batch's own
+        model[1].running_mean.fill_(3.0)
+        model[1].running_var.fill_(0.1)
+    x = torch.randn(2, 3, 16, 16)
+    before = model(x)
+    rep = vitgraph.export_onnx(model, tmp_path / "bn.onnx", (x,), exporter="torchscript")
+    assert rep.max_abs_diff < 1e-4
+    assert not any(m.training for m in model.modules())
+    assert torch.equal(model(x), before)

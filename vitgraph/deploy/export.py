@@ -152,6 +152,7 @@ def export_onnx(
         for i, form in enumerate(forms):
             try:
                 _write_form(form, module, path, inputs, input_names, output_names, dynamic_batch)
+                module.eval()  # (exporters restore modes their own way; the references below need eval)
                 if simplify:
                     _simplify(path)
                 _run_checker(path)
@@ -348,9 +349,12 @@ def _export_torchscript(
 ) -> None:
     """Legacy TorchScript-tracing export with ``dynamic_axes`` on axis 0."""
     dynamic_axes = {name: {0: _BATCH} for name in (*input_names, *output_names)} if dynamic_batch else None
+    wrapper = _Positional(module)
+    wrapper.training = module.training  # the exporter restores the wrapper's mode recursively afterwards:
+    # a fresh wrapper is in train mode, which would leave module's BatchNorms using batch statistics
     with _quiet_exporters():
         torch.onnx.export(
-            _Positional(module),
+            wrapper,
             inputs,
             str(path),
             input_names=input_names,
@@ -367,18 +371,22 @@ def _strip_wrapper_prefix(path: Path) -> None:
     """Drop the wrapper from names: initializer 'module.blocks.0.x' -> 'blocks.0.x', node '/module/y' -> '/y'."""
     proto = onnx.load(str(path), load_external_data=False)
     prefix, scope = f"{_WRAPPED}.", f"/{_WRAPPED}/"
-    taken = {i.name for i in proto.graph.initializer}
-    renames = {
-        name: name[len(prefix):]
-        for name in taken
-        if name.startswith(prefix) and name[len(prefix):] not in taken
-    }
     graphs = list(_all_graphs(proto.graph))
-    for graph in graphs:
-        for node in graph.node:
-            for name in node.output:
-                if name.startswith(scope) and name[len(scope) - 1:] not in taken:
-                    renames[name] = name[len(scope) - 1:]
+    # every value name in the model: a rename onto a name another value already has would rewire
+    # its consumers (the exporter's own names, '/Constant_output_0', also live outside the scope)
+    taken = {i.name for g in graphs for i in g.initializer}
+    taken |= {v.name for g in graphs for v in (*g.input, *g.output, *g.value_info)}
+    taken |= {name for g in graphs for node in g.node for name in node.output}
+    renames: dict[str, str] = {}
+    for name in sorted(taken):
+        if name.startswith(prefix):
+            new = name[len(prefix):]
+        elif name.startswith(scope):
+            new = name[len(scope) - 1:]
+        else:
+            continue
+        if new not in taken and new not in renames.values():
+            renames[name] = new
     for init in proto.graph.initializer:
         init.name = renames.get(init.name, init.name)
     for graph in graphs:
