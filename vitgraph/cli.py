@@ -161,7 +161,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     model, x, _ = _load(a)
     with step(f"exporting {a.model} to {a.out}"):
         rep = export_onnx(model, a.out, (x,), opset=a.opset, simplify=a.simplify)
-    print(f"opset {rep.opset}, {rep.n_nodes} nodes, parity max abs diff {rep.max_abs_diff:.2e}; ops: {', '.join(rep.op_types)}")
+    print(f"{rep.exporter} exporter, opset {rep.opset}, {rep.n_nodes} nodes, parity max abs diff {rep.max_abs_diff:.2e}; ops: {', '.join(rep.op_types)}")
     return 0
 
 
@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_compress)
     s = model_cmd("export", "export a model to ONNX with a dynamic batch axis", analyzes=False)
     s.add_argument("--out", required=True)
-    s.add_argument("--opset", type=int, default=18)
+    s.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset (default: the measured fastest form, see vitgraph.export_onnx)")
     s.add_argument("--simplify", action="store_true")
     s.set_defaults(fn=cmd_export)
     s = sub.add_parser("check-24", help="verify the 2:4 pattern of an ONNX file's weights")
