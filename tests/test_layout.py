@@ -101,3 +101,9 @@ def test_the_checker_sees_lazy_imports(tmp_path, monkeypatch):
     (pkg / "capture" / "b.py").write_text("def x():\n    from vitgraph.capture import a\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     assert list(nx.simple_cycles(import_graph())) != []
+
+
+def test_results_are_written_under_the_repository():
+    from vitgraph.deploy.measure import REPO_ROOT
+
+    assert (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "benchmarks").is_dir()

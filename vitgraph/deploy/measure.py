@@ -32,7 +32,7 @@ __all__ = [
     "write_results_md",
 ]
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # (this file is vitgraph/deploy/measure.py)
 DEFAULT_RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 _RESULT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
