@@ -31,10 +31,8 @@ from torch import nn
 from torch.func import functional_call
 
 from vitgraph.analysis.kinds import ALL_KINDS, BLOCK_KINDS
-from vitgraph.analysis.context import META_KEY, TensorDims
-from vitgraph.analysis.ops.registry import has_flag
 from vitgraph.errors import PlanError
-from vitgraph.deploy.flops import FlopCounter
+from vitgraph.planning.planner import CostModel
 from vitgraph.passes.gates import GateSet
 from vitgraph.passes.scoring_common import default_loss
 from vitgraph.passes.training import fit, rank_loader
@@ -120,103 +118,30 @@ class _Gate:
 
 
 class _Budget:
-    """Differentiable remaining fraction of parameters or FLOPs as a function of keep ratios."""
+    """Differentiable remaining fraction of parameters or FLOPs as a function of keep ratios: the
+    planner's cost model (:meth:`CostModel.fraction`) with each dim's kept fraction the mean of
+    its gates' keep ratios."""
 
-    # terms: (full count, [(layout, length) of every dim whose kept fraction scales it])
-    def __init__(self, analysis: "Analysis", gates: GateSet, kind: str, gm: fx.GraphModule,
-                 example: Sequence[torch.Tensor]) -> None:
+    def __init__(self, analysis: "Analysis", gates: GateSet, kind: str) -> None:
         self.gates = gates
         self.kind = kind
-        if kind == "params":
-            self.terms = self._param_terms(analysis, gm)
-        else:
-            self.terms = self._flop_terms(gm, example)
+        self.cost = CostModel(analysis)
+        self.terms = self.cost.terms(kind)
         self.total = float(sum(t[0] for t in self.terms))
         if self.total <= 0:
             raise PlanError(f"the model has no {kind} to budget")
-
-    def _param_terms(self, analysis: "Analysis", gm: fx.GraphModule) -> list:
-        seen: set[int] = set()
-        terms = []
-        for name, p in gm.named_parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            td = analysis.params.get(name)
-            dims = [] if td is None else [(lay, p.shape[d]) for d, lay in enumerate(td.dims) if lay is not None]
-            terms.append((float(p.numel()), dims))
-        return terms
-
-    def _flop_terms(self, gm: fx.GraphModule, example: Sequence[torch.Tensor]) -> list:
-        flops = _node_flops(gm, example)
-        terms = []
-        for node in gm.graph.nodes:
-            f = flops.get(node.name, 0)
-            if not f:
-                continue
-            out = _tensor_dims(node)
-            if has_flag(gm, node, "attention") and len(node.args) >= 3:
-                q, v = _tensor_dims(node.args[0]), _tensor_dims(node.args[2])
-                dq = q.shape[-1] if q is not None else 1
-                dv = v.shape[-1] if v is not None else 1
-                terms.append((f * dq / (dq + dv), _all_dims(q)))
-                terms.append((f * dv / (dq + dv), _all_dims(out)))
-                continue
-            first = next((a for a in node.all_input_nodes if isinstance(_tensor_dims(a), TensorDims)), None)
-            contracted = []
-            src = _tensor_dims(first) if first is not None else None
-            if src is not None and src.dims:
-                d = 1 if has_flag(gm, node, "convolution") else len(src.dims) - 1
-                if d < len(src.dims) and src.dims[d] is not None:
-                    contracted = [(src.dims[d], src.shape[d])]
-            terms.append((float(f), _all_dims(out) + contracted))
-        return terms
 
     def __call__(self, ratios: Sequence[torch.Tensor]) -> torch.Tensor:
         """Remaining fraction for keep ratios in the gate set's group order (scalars, broadcast over
         each group's units)."""
         flat = {g.id: r.reshape(1).expand(self.gates.numel(g.id)) for r, g in zip(ratios, self.gates.groups)}
-        kept = ratios[0].new_zeros(())
-        for numel, dims in self.terms:
-            frac = ratios[0].new_ones(())
-            for lay, length in dims:
-                factor = self.gates.factor(self.gates.sites(lay, uniform=True), flat)
-                if factor is not None:
-                    frac = frac * factor.mean()
-            kept = kept + numel * frac
-        return kept / self.total
 
+        def kept(layout: Any, size: int) -> Optional[torch.Tensor]:
+            factor = self.gates.factor(self.gates.sites(layout, uniform=True), flat)
+            return None if factor is None else factor.mean()
 
-def _tensor_dims(node: Any) -> Optional[TensorDims]:
-    td = node.meta.get(META_KEY) if isinstance(node, fx.Node) else None
-    return td if isinstance(td, TensorDims) else None
-
-
-def _all_dims(td: Optional[TensorDims]) -> list:
-    if td is None:
-        return []
-    return [(lay, n) for lay, n in zip(td.dims, td.shape) if lay is not None]
-
-
-def _node_flops(gm: fx.GraphModule, example: Sequence[torch.Tensor]) -> dict[str, int]:
-    """FLOPs of every node on ``example`` (vitgraph's convention: 2 per multiply-add)."""
-    out: dict[str, int] = {}
-
-    class Counter(fx.Interpreter):
-        def run_node(self, n: fx.Node) -> Any:
-            with FlopCounter() as counter:
-                res = super().run_node(n)
-            out[n.name] = counter.total
-            return res
-
-    was = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            Counter(gm).run(*example)
-    finally:
-        gm.train(was)
-    return out
+        out = self.cost.fraction(self.kind, kept)
+        return out if isinstance(out, torch.Tensor) else ratios[0].new_tensor(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,9 +270,7 @@ def learn_thresholds(
     for g in gates:
         g.scores.data = g.scores.data.to(dev)
         g.theta.data = g.theta.data.to(dev)
-    example = [torch.zeros(s, dtype=getattr(torch, d), device=dev)
-               for s, d in zip(analysis.input_shapes, analysis.input_dtypes)]
-    cost = _Budget(analysis, gate_set, budget, gm, example)
+    cost = _Budget(analysis, gate_set, budget)
 
     params = dict(gm.named_parameters())
     for p in params.values():
@@ -415,7 +338,6 @@ def budget_of(analysis: "Analysis", keep: Mapping[str, int], budget: str = "para
         if not 1 <= k <= g.size:
             raise PlanError(f"group {gid!r}: kept count {k} is outside 1..{g.size}")
     gate_set = GateSet(analysis, list(keep), headless="share")
-    example = [torch.zeros(s, dtype=getattr(torch, d)) for s, d in zip(analysis.input_shapes, analysis.input_dtypes)]
-    cost = _Budget(analysis, gate_set, budget, analysis.graph_module, example)
+    cost = _Budget(analysis, gate_set, budget)
     with torch.no_grad():
         return float(cost([torch.tensor(keep[g.id] / g.size) for g in gate_set.groups]))

@@ -147,6 +147,48 @@ class CostModel:
         after[gid] = new
         return self.latency(widths, table, ops) - self.latency(after, table, ops)
 
+    def terms(self, target: str) -> list[tuple[float, list[tuple[Any, int]]]]:
+        """The dense ``flops`` or ``params`` as terms ``(count, [(layout, size), ...])``: each term
+        scales with the kept fraction of every listed dim (dims without channels are left out).
+
+        This is the cost model in a form gradients pass through: the threshold budget multiplies
+        each term by its dims' differentiable keep ratios (``fraction``)."""
+        memo = self.__dict__.setdefault("_terms_memo", {})
+        if target not in memo:
+            memo[target] = self._make_terms(target)
+        return memo[target]
+
+    def _make_terms(self, target: str) -> list[tuple[float, list[tuple[Any, int]]]]:
+        out: list[tuple[float, list[tuple[Any, int]]]] = []
+        if target == "flops":
+            for op in self.ops:
+                for coef, dims in _op_terms(op):
+                    out.append((coef * math.prod(d.size for d in dims),
+                                [(d.layout, d.size) for d in dims if d.layout is not None]))
+            return [t for t in out if t[0]]
+        if target == "params":
+            out = [(float(math.prod(d.size for d in p)), [(d.layout, d.size) for d in p if d.layout is not None])
+                   for p in self._params]
+            return out + ([(float(self._param_const), [])] if self._param_const else [])
+        raise PlanError(f"terms exist for 'flops' and 'params', got {target!r}")
+
+    def fraction(self, target: str, factor: Any) -> Any:
+        """Remaining fraction of the dense ``flops``/``params`` when each dim keeps ``factor(layout,
+        size)`` of its channels (a number or a tensor; ``None``: all of them)."""
+        terms = self.terms(target)
+        total = sum(t[0] for t in terms)
+        if total <= 0:
+            raise PlanError(f"the model has no {target} to budget")
+        kept = 0.0
+        for count, dims in terms:
+            frac = 1.0
+            for lay, size in dims:
+                f = factor(lay, size)
+                if f is not None:
+                    frac = frac * f
+            kept = kept + count * frac
+        return kept / total
+
     def cost(self, target: str, widths: Mapping[str, int], table: Optional["LatencyTable"] = None) -> float:
         """``flops``, ``params`` or ``latency`` of ``widths``."""
         if target == "flops":
@@ -237,27 +279,29 @@ def _price(gm: fx.GraphModule, node: fx.Node, analysis: "Analysis") -> Optional[
     return _Op(node.name, "eltwise", (out,)) if node.meta.get(META_KEY).live else None
 
 
-def _op_flops(op: _Op, sz: _Sizer) -> float:
-    out = [sz.size(d) for d in op.dims[0]]
-    if op.family == "linear" or op.family == "bmm":
-        if op.dims[1] is None:
-            return 0.0
-        k = sz.size(op.dims[1][-1])
-        return 2.0 * math.prod(out) * k
+def _op_terms(op: _Op) -> list[tuple[float, tuple[_Dim, ...]]]:
+    """An op's FLOPs as a sum of ``coefficient * product of the sizes of dims`` (2 per multiply-add).
+
+    linear / bmm: every output dim and the contracted one; conv: the output and the weight's
+    input-channel and kernel dims; attention: ``q @ k^T`` (output rows, key length, q/k dim) plus
+    ``attn @ v`` (the output, key length).  Integer widths and the differentiable keep ratios of
+    the threshold budget evaluate the same terms.
+    """
+    out = op.dims[0]
+    if op.family in ("linear", "bmm"):
+        return [] if op.dims[1] is None else [(2.0, (*out, op.dims[1][-1]))]
     if op.family == "conv":
-        if op.dims[1] is None:
-            return 0.0
-        w = [sz.size(d) for d in op.dims[1]]
-        return 2.0 * math.prod(out) * math.prod(w[1:])
+        return [] if op.dims[1] is None else [(2.0, (*out, *op.dims[1][1:]))]
     if op.family == "sdpa":
         q, k = op.dims[1], op.dims[2]
         if q is None or k is None:
-            return 0.0
-        e, s = sz.size(q[-1]), sz.size(k[-2])
-        ev = out[-1]
-        bl = math.prod(out[:-1])  # batch x heads x L
-        return 2.0 * bl * s * e + 2.0 * bl * s * ev
-    return 0.0
+            return []
+        return [(2.0, (*out[:-1], k[-2], q[-1])), (2.0, (*out, k[-2]))]
+    return []
+
+
+def _op_flops(op: _Op, sz: _Sizer) -> float:
+    return sum(coef * math.prod(sz.size(d) for d in dims) for coef, dims in _op_terms(op))
 
 
 def _op_latency(op: _Op, sz: _Sizer, table: "LatencyTable", scale: float, cm: CostModel) -> float:
