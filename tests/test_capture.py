@@ -113,3 +113,22 @@ def test_output_container_is_kept_and_every_leaf_protected():
     assert out.logits.shape == ref.logits.shape and out.hidden.shape == ref.hidden.shape
     again = vitgraph.analyze(slim, x)  # a compressed model captures again, container and all
     assert isinstance(again.graph_module(x), Out)
+
+
+class ReturnsFeatureMaps(Block):
+    """A backbone's output: a dict whose first value is a tuple of feature maps."""
+
+    def forward(self, x: torch.Tensor) -> dict:
+        h = x + self.fc2(torch.relu(self.fc1(x)))
+        return {"feature_maps": (self.head(h), h)}
+
+
+def test_check_model_compares_nested_outputs_leaf_by_leaf():
+    from vitgraph.check import _first, _same_shapes, check_model
+
+    model, x = ReturnsFeatureMaps().eval(), torch.randn(2, 5, 16)
+    rep = check_model(model, x, onnx=False)
+    assert rep.error is None and rep.shape_ok and rep.ok, rep.failures()
+    out = model(x)
+    assert _first(out) is out["feature_maps"][0]
+    assert not _same_shapes(out, {"feature_maps": (out["feature_maps"][0], out["feature_maps"][1][:, :1])})

@@ -144,13 +144,30 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def _first(out: object) -> torch.Tensor:
-    while isinstance(out, (tuple, list)):
-        out = out[0]
+def _leaves(out: object) -> list[torch.Tensor]:
+    """Every tensor in a model output, in order, through nested tuples, lists and dicts (a
+    backbone's ``ModelOutput`` holds a tuple of feature maps)."""
+    if isinstance(out, torch.Tensor):
+        return [out]
     if isinstance(out, dict):
-        out = next(iter(out.values()))
-    assert isinstance(out, torch.Tensor)
-    return out
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return [t for x in out for t in _leaves(x)]
+    return []
+
+
+def _first(out: object) -> torch.Tensor:
+    """The first tensor of a model output (what the equivalence checks compare)."""
+    leaves = _leaves(out)
+    if not leaves:
+        raise TypeError(f"the model output ({type(out).__name__}) holds no tensor")
+    return leaves[0]
+
+
+def _same_shapes(ref: object, out: object) -> bool:
+    """Every output tensor keeps its shape (outputs are protected)."""
+    a, b = _leaves(ref), _leaves(out)
+    return len(a) == len(b) and all(x.shape == y.shape for x, y in zip(a, b))
 
 
 def _randomize_constant_params(model: nn.Module, seed: int) -> None:
@@ -197,8 +214,9 @@ def check_model(
         slim = compress(model, plan, an)
         step = "run"
         with torch.no_grad():
-            ref, out = _first(model(x)), _first(slim(x))
-        rep.shape_ok = out.shape == ref.shape
+            full_ref, full_out = model(x), slim(x)
+        out = _first(full_out)
+        rep.shape_ok = _same_shapes(full_ref, full_out)
         step = "count"
         rep.params = (count_params(model), count_params(slim))
         if flops:
@@ -242,8 +260,9 @@ def _check_plan(model: nn.Module, an: "Analysis", x: torch.Tensor, name: str, pl
         slim = compress(model, plan, an)
         step = "run"
         with torch.no_grad():
-            ref, out = _first(model(x)), _first(slim(x))
-        res.shape_ok = out.shape == ref.shape
+            full_ref, full_out = model(x), slim(x)
+        out = _first(full_out)
+        res.shape_ok = _same_shapes(full_ref, full_out)
         step = "masked equivalence"
         inner = _comparable(an, replace(plan, kept=dict(plan.kept)))
         with torch.no_grad():
