@@ -1,8 +1,9 @@
-"""The ``vitgraph`` console command: inspect, explain, score, compress, export, check-24."""
+"""The ``vitgraph`` console command: inspect, explain, score, compress, prune, sparsify, export, check-24."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,8 @@ from vitgraph.analysis.kinds import PRUNABLE_KINDS
 from vitgraph.errors import VitgraphError
 from vitgraph import artifact
 from vitgraph.models import load_model_and_source, parse_model_args
+
+SPARSITY_FILE = "sparsity24.json"
 
 
 @contextlib.contextmanager
@@ -117,21 +120,54 @@ def _load(a: argparse.Namespace):
     return load_model_and_source(a.model, a.input_size, model_args=args, checkpoint=a.checkpoint)
 
 
+def read_plan_file(path: str, flag: str) -> "Plan":
+    """The plan saved at ``path`` (JSON); a missing or malformed file is an error naming ``flag``."""
+    from vitgraph.errors import PlanError
+    from vitgraph.planning.plan import Plan
+
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise VitgraphError(f"{flag} {path}: cannot read the plan file: {e.strerror or e}") from e
+    try:
+        return Plan.from_json(text)
+    except (PlanError, ValueError, KeyError, TypeError) as e:
+        raise VitgraphError(f"{flag} {path} is not a vitgraph plan (JSON from Plan.to_json): {e}") from e
+
+
 def cmd_compress(a: argparse.Namespace) -> int:
     from vitgraph import Plan, analyze, compress
+    from vitgraph.api import analysis_for
+    from vitgraph.errors import PlanError
     from vitgraph.deploy.export import export_onnx
     from vitgraph.deploy.measure import count_flops, count_params, measure_latency, torch_runner
 
+    if a.plan is not None and (a.ratio is not None or a.kinds is not None):
+        raise VitgraphError("--plan applies a saved plan as it is: leave out --ratio and --kinds")
+    saved_plan = read_plan_file(a.plan, "--plan") if a.plan is not None else None
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     model, x, source = _load(a)
-    print(f"vitgraph compress {a.model} --ratio {a.ratio} --kinds {','.join(a.kinds)} -> {out}")
-    with step("analyzing"):
-        an = analyze(model, x, prune_outputs=a.prune_outputs)
-    with step("planning (magnitude scores)"):
-        plan = Plan.from_scores(an, ratio=a.ratio, kinds=a.kinds, round_to=a.round_to)
+    ratio = 0.5 if a.ratio is None else a.ratio
+    kinds = list(PRUNABLE_KINDS) if a.kinds is None else a.kinds
+    how = f"--plan {a.plan}" if saved_plan is not None else f"--ratio {ratio} --kinds {','.join(kinds)}"
+    print(f"vitgraph compress {a.model} {how} -> {out}")
+    if saved_plan is not None:
+        with step("analyzing at the plan's input shapes"):
+            try:
+                an = analysis_for(model, saved_plan)
+            except PlanError as e:
+                raise PlanError(f"--plan {a.plan} does not fit {a.model}: {e}") from e
+        plan = saved_plan
+        if tuple(plan.input_shapes[0][1:]) != tuple(x.shape[1:]):
+            x = torch.randn(1, *plan.input_shapes[0][1:])
+    else:
+        with step("analyzing"):
+            an = analyze(model, x, prune_outputs=a.prune_outputs)
+        with step("planning (magnitude scores)"):
+            plan = Plan.from_scores(an, ratio=ratio, kinds=kinds, round_to=a.round_to)
     with step("compressing"):
-        slim = compress(model, plan)
+        slim = compress(model, plan, an)
     if source is not None:
         saved = artifact.save(out, slim, plan, source)
         files = f"{artifact.SOURCE_FILE}, {artifact.PLAN_FILE}, {artifact.WEIGHTS_FILE}, model.onnx"
@@ -153,6 +189,48 @@ def cmd_compress(a: argparse.Namespace) -> int:
     if source is not None:
         print(f"reload with vitgraph.load({str(saved)!r}); prune again with vitgraph compress {saved} ...")
     return 0
+
+
+def cmd_sparsify(a: argparse.Namespace) -> int:
+    from vitgraph import Plan, analyze, compress, sparsify_24
+    from vitgraph.deploy.export import export_onnx
+    from vitgraph.deploy.onnx24 import check_24
+
+    model, x, source = _load(a)
+    if source is None:
+        raise VitgraphError(f"sparsify writes a reloadable result, and {a.model} (a pickled module) has no recipe "
+                            "to rebuild it from: give a timm/torchvision/hf name or a result directory")
+    out = Path(a.out)
+    print(f"vitgraph sparsify {a.model} -> {out}")
+    if artifact.is_artifact(a.model):  # the result's own recipe: the 2:4 pass keeps every shape
+        base, plan = artifact.read_source(a.model), read_plan_file(str(Path(a.model) / artifact.PLAN_FILE), "MODEL")
+        dense = model
+    else:  # the architecture as vitgraph.load rebuilds it: the model compressed by a keep-all plan
+        with step("analyzing"):
+            an = analyze(model, x, prune_outputs=a.prune_outputs)
+        base, plan = source, Plan.keep_all(an)
+        dense = compress(model, plan, an)
+    with step(f"applying the 2:4 pattern ({a.method})"):
+        try:
+            sparse = sparsify_24(dense, a.method, min_features=a.min_features, exclude=a.exclude)
+        except ValueError as e:
+            raise VitgraphError(f"sparsify: {e}") from e
+    report = sparse.vitgraph_24_report
+    del sparse.vitgraph_24_report  # not part of the module's state
+    artifact.save(out, sparse, plan, base)
+    (out / SPARSITY_FILE).write_text(json.dumps({
+        "method": report.method, "min_features": a.min_features, "exclude": list(a.exclude),
+        "sparsified": list(report.sparsified), "skipped": [list(s) for s in report.skipped],
+        "kept_magnitude_fraction": report.kept_magnitude_fraction}, indent=1))
+    with step("exporting ONNX and checking parity"):
+        rep = export_onnx(sparse, out / "model.onnx", (x,))
+    check = check_24(out / "model.onnx", min_size=a.min_features)
+    print(report.summary())
+    print(f"ONNX parity max abs diff {rep.max_abs_diff:.2e}; check-24 of model.onnx: "
+          f"{len(check.checked)} weights checked, {'OK' if check.ok else 'FAIL'}")
+    print(f"wrote {out}/: {artifact.SOURCE_FILE}, {artifact.PLAN_FILE}, {artifact.WEIGHTS_FILE}, "
+          f"{SPARSITY_FILE}, model.onnx")
+    return 0 if check.ok else 1
 
 
 def cmd_export(a: argparse.Namespace) -> int:
@@ -207,14 +285,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flops|params:FRACTION kept (default flops:0.5); threshold learns toward it")
     s.add_argument("--round-to", type=int, default=8, help="round kept channel counts to this multiple")
     s.set_defaults(fn=cmd_score)
-    s = model_cmd("compress", "prune by magnitude, write plan, slim model and ONNX")
-    s.add_argument("--ratio", type=float, default=0.5, help="fraction of each selected group removed")
-    s.add_argument("--kinds", type=lambda v: v.split(","), default=list(PRUNABLE_KINDS),
-                   help="comma-separated group kinds")
+    s = model_cmd("compress", "prune by magnitude (or apply a saved plan), write plan, slim model and ONNX")
+    s.add_argument("--ratio", type=float, default=None, help="fraction of each selected group removed (default 0.5)")
+    s.add_argument("--kinds", type=lambda v: v.split(","), default=None,
+                   help="comma-separated group kinds (default: every prunable kind)")
+    s.add_argument("--plan", metavar="FILE", help="apply this saved plan (JSON, e.g. from vitgraph score --plan) "
+                   "instead of planning by magnitude")
     s.add_argument("--round-to", type=int, default=1, help="round kept channel counts to this multiple")
     s.add_argument("--reps", type=int, default=10, help="latency repetitions per round")
     s.add_argument("--out", required=True, help="output directory")
     s.set_defaults(fn=cmd_compress)
+    s = model_cmd("sparsify", "apply the 2:4 pattern to Linear weights and write a reloadable result")
+    s.add_argument("--method", choices=["magnitude"], default="magnitude",
+                   help="which 2 of every 4 weights are kept (largest magnitude)")
+    s.add_argument("--min-features", type=int, default=64, help="Linear layers narrower than this stay dense")
+    s.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="fnmatch pattern of Linear names to leave dense (e.g. head)")
+    s.add_argument("--out", required=True, help="output directory")
+    s.set_defaults(fn=cmd_sparsify)
     s = model_cmd("export", "export a model to ONNX with a dynamic batch axis", analyzes=False)
     s.add_argument("--out", required=True)
     s.add_argument("--opset", type=int, default=None,
