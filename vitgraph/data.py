@@ -1,16 +1,20 @@
-"""Data for scoring and benchmarks: Fashion-MNIST from Debian's package, saved tensors, random inputs.
+"""Data for scoring, pruning and benchmarks: image folders, Fashion-MNIST from Debian's package,
+saved tensors, random inputs.
 
 The files are read by ``torchvision.datasets.FashionMNIST`` (never downloading), inputs are fitted
 to a model by ``torchvision.transforms.v2``, and batches come from ``torch.utils.data.DataLoader``
 over a ``TensorDataset``; the tensors are the ones the hand-written readers gave, bit for bit.
+Image folders (torchvision's ``ImageFolder`` layout) are preprocessed as the model's library
+says (:func:`preprocessing`: timm's data config, a HuggingFace image processor's config).
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
@@ -136,3 +140,120 @@ class EpochLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         self.epoch += 1
         return iter(batches(self.x, self.y, self.batch_size, shuffle=True, seed=self.seed + self.epoch))
+
+
+# ---------------------------------------------------------------------------------------------
+# image folders, preprocessed the way the model expects
+
+PREPROCESS_FILE = "preprocess.json"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+
+
+def preprocessing(source: Any, spec: Optional[str] = None) -> dict[str, Any]:
+    """The model's evaluation preprocessing as data (JSON-ready; :func:`make_transform` builds it).
+
+    ``source`` is the model's :class:`vitgraph.artifact.Source` (its ``input_size`` is the size the
+    images end at, so ``--input-size`` and ``img_size`` override the library's config).  timm
+    models take their data config (``timm.data.resolve_data_config``, built by
+    ``timm.data.create_transform``); HuggingFace models the image-processor config of their model
+    directory (``spec`` ``hf:DIR`` with ``preprocessor_config.json``), else the model config's
+    ``image_mean``/``image_std`` (0.5 where absent, transformers' default); torchvision models
+    ImageNet's resize to 1/0.875, centre crop and mean/std.  A result directory ``spec`` holding
+    ``preprocess.json`` (``vitgraph prune`` writes it) gives that file's recipe.
+    """
+    size = tuple(int(s) for s in source.input_size)
+    if spec is not None and (Path(spec) / PREPROCESS_FILE).is_file():
+        recipe = json.loads((Path(spec) / PREPROCESS_FILE).read_text())
+        return _resized(recipe, size)
+    base = source
+    while base.kind == "vitgraph":
+        base = base.base
+    if base.kind == "timm":
+        import timm
+        from timm.data import resolve_data_config
+
+        cfg = timm.models.get_pretrained_cfg(base.name)
+        data_cfg = resolve_data_config({"input_size": size}, pretrained_cfg=cfg.to_dict() if cfg else {})
+        return {"library": "timm", "config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_cfg.items()}}
+    if base.kind == "transformers":
+        hf_dir = Path(spec[3:]) if spec and spec.startswith("hf:") else None
+        file = hf_dir / "preprocessor_config.json" if hf_dir is not None else None
+        if file is not None and file.is_file():
+            return _resized(_hf_recipe(json.loads(file.read_text())), size)
+        cfg = base.kwargs
+        return {"library": "vitgraph", "size": list(size[1:]), "resize": list(size[1:]), "crop": False,
+                "interpolation": "bilinear", "mean": list(cfg.get("image_mean", (0.5,) * 3)),
+                "std": list(cfg.get("image_std", (0.5,) * 3))}
+    h, w = size[1:]
+    return {"library": "vitgraph", "size": [h, w], "resize": round(min(h, w) / 0.875), "crop": True,
+            "interpolation": "bilinear", "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+
+def _hf_recipe(p: dict[str, Any]) -> dict[str, Any]:
+    """A recipe from a transformers image processor's config (size/crop_size/resample/mean/std)."""
+    size, crop = p.get("size", 224), p.get("crop_size")
+    if isinstance(size, int):
+        size = {"shortest_edge": size}
+    resize: Any = [size["height"], size["width"]] if "height" in size else size.get("shortest_edge", 224)
+    do_crop = bool(p.get("do_center_crop", False)) and crop is not None
+    if isinstance(crop, int):
+        crop = {"height": crop, "width": crop}
+    final = [crop["height"], crop["width"]] if do_crop else (resize if isinstance(resize, list) else [resize, resize])
+    normalize = p.get("do_normalize", True)
+    return {"library": "vitgraph", "size": final, "resize": resize if p.get("do_resize", True) else None,
+            "crop": do_crop, "interpolation": _PIL_RESAMPLE.get(p.get("resample", 2), "bilinear"),
+            "mean": list(p.get("image_mean", (0.5,) * 3)) if normalize else [0.0] * 3,
+            "std": list(p.get("image_std", (0.5,) * 3)) if normalize else [1.0] * 3}
+
+
+def _resized(recipe: dict[str, Any], size: tuple[int, ...]) -> dict[str, Any]:
+    """``recipe`` ending at the model's input size (a vitgraph recipe whose size differs is rescaled)."""
+    if recipe.get("library") == "timm":
+        return recipe | {"config": recipe["config"] | {"input_size": list(size)}}
+    if list(recipe["size"]) == list(size[1:]):
+        return recipe
+    return recipe | {"size": list(size[1:]), "resize": list(size[1:]), "crop": False}
+
+
+def make_transform(recipe: dict[str, Any]) -> Any:
+    """The torchvision transform (PIL image -> float tensor ``[C, H, W]``) of a :func:`preprocessing` recipe."""
+    if recipe.get("library") == "timm":
+        from timm.data import create_transform
+
+        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in recipe["config"].items()}
+        return create_transform(**cfg, is_training=False)
+    from torchvision.transforms import v2
+
+    mode = v2.InterpolationMode(recipe.get("interpolation", "bilinear"))
+    steps: list[Any] = [v2.ToImage()]
+    if recipe.get("resize") is not None:
+        steps.append(v2.Resize(recipe["resize"], interpolation=mode, antialias=True))
+    if recipe.get("crop"):
+        steps.append(v2.CenterCrop(recipe["size"]))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(recipe["mean"], recipe["std"])]
+    return v2.Compose(steps)
+
+
+def image_folder(root: str | Path, transform: Any, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                 workers: int = 0, flag: str = "--data") -> DataLoader:
+    """A DataLoader of ``(images, labels)`` over a torchvision ``ImageFolder`` (``root/<class>/<image>``).
+
+    Shuffled, the order comes from a generator seeded with ``seed`` (the same on every rank, so a
+    DistributedSampler built from it agrees).  A missing or empty folder is a
+    :class:`~vitgraph.errors.VitgraphError` naming ``flag``.
+    """
+    from torchvision.datasets import ImageFolder
+
+    from vitgraph.errors import VitgraphError
+
+    if batch_size < 1:
+        raise VitgraphError(f"--batch-size must be >= 1, got {batch_size}")
+    if not Path(root).is_dir():
+        raise VitgraphError(f"{flag} {root} is not a directory (an image folder: {flag} DIR with DIR/<class>/<image>)")
+    try:
+        dataset = ImageFolder(str(root), transform=transform)
+    except (FileNotFoundError, OSError) as e:
+        raise VitgraphError(f"{flag} {root} is not an image folder in ImageFolder layout (DIR/<class>/<image>): {e}") from e
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=workers)
