@@ -15,10 +15,11 @@ from vitgraph.planning.planner import CostModel
 from vitgraph.targets import plan_to_target
 from vitgraph.analysis.ops import register_rule
 from vitgraph.score import Scores, score
+from vitgraph.prune import PruneResult, prune
 
 __all__ = [
     "Analysis", "ChannelGroup", "CostModel", "FrozenChannels", "LatencyTable", "Plan", "plan_to_target", "analyze", "compress", "mask",
-    "register_rule", "export_onnx", "load", "save", "score", "Scores", "sparsify_24", "merge_heads", "head_merge_plan", "TraceError", "PlanError", "ScoreError", "AnalysisError", "ExportError", "VitgraphError",
+    "register_rule", "export_onnx", "load", "save", "score", "Scores", "prune", "PruneResult", "sparsify_24", "merge_heads", "head_merge_plan", "TraceError", "PlanError", "ScoreError", "AnalysisError", "ExportError", "VitgraphError",
 ]
 __version__ = "0.1.0"
 

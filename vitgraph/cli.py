@@ -233,6 +233,51 @@ def cmd_sparsify(a: argparse.Namespace) -> int:
     return 0 if check.ok else 1
 
 
+def cmd_prune(a: argparse.Namespace) -> int:
+    from vitgraph.distributed import init_from_env, shutdown
+
+    init_from_env()
+    try:
+        return _prune(a)
+    finally:
+        shutdown()
+
+
+def _prune(a: argparse.Namespace) -> int:
+    from vitgraph.data import image_folder, make_transform, preprocessing
+    from vitgraph.distributed import rank
+    from vitgraph.prune import parse_target, prune
+
+    parse_target(a.target, "--target")  # before any model is built
+    for flag, v, low in (("--finetune-epochs", a.finetune_epochs, 0), ("--batch-size", a.batch_size, 1),
+                         ("--round-to", a.round_to, 1), ("--score-batches", a.score_batches, 1)):
+        if v < low:
+            raise VitgraphError(f"{flag} must be >= {low}, got {v}")
+    model, x, source = _load(a)
+    if source is None:
+        raise VitgraphError(f"prune writes a reloadable result, and {a.model} (a pickled module) has no recipe to "
+                            "rebuild it from: give a timm/torchvision/hf name or a result directory")
+    recipe = preprocessing(source, a.model)
+    transform = make_transform(recipe)
+    train = image_folder(a.data, transform, a.batch_size, shuffle=True, seed=0, workers=a.workers, flag="--data")
+    val = (image_folder(a.val_data, transform, a.batch_size, workers=a.workers, flag="--val-data")
+           if a.val_data else None)
+    if rank() == 0:
+        print(f"vitgraph prune {a.model} --method {a.method} --target {a.target} -> {a.out}")
+        print(f"  {len(train.dataset)} training images in {len(train.dataset.classes)} classes"
+              + (f", {len(val.dataset)} validation images" if val is not None else " (no --val-data: top-1 on them)"))
+    r = prune(model, train, val, method=a.method, target=a.target, finetune_epochs=a.finetune_epochs,
+              out=a.out, source=source, example_input=x, runtime=a.runtime, round_to=a.round_to,
+              score_batches=a.score_batches, lr=a.lr, preprocess=recipe, reps=a.reps,
+              prune_outputs=a.prune_outputs)
+    if rank() == 0:
+        print()
+        print(r.table())
+        print(f"\nFLOPs fraction {r.flops_fraction:.3f}; wrote {a.out}/: source.json, plan.json, model.safetensors, "
+              f"model.onnx, preprocess.json, report.md; reload with vitgraph.load({a.out!r})")
+    return 0
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     from vitgraph.deploy.export import export_onnx
 
@@ -295,6 +340,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reps", type=int, default=10, help="latency repetitions per round")
     s.add_argument("--out", required=True, help="output directory")
     s.set_defaults(fn=cmd_compress)
+    s = model_cmd("prune", "score, plan to a target, compress, fine-tune with distillation, export and report")
+    s.add_argument("--data", required=True, metavar="DIR", help="training images in ImageFolder layout (DIR/<class>/<image>)")
+    s.add_argument("--val-data", metavar="DIR", help="validation images in ImageFolder layout (default: --data)")
+    s.add_argument("--method", choices=["hessian", "kl", "magnitude", "threshold"], default="hessian")
+    s.add_argument("--target", default="flops:0.5", help="flops|params|latency:FRACTION kept (default flops:0.5)")
+    s.add_argument("--runtime", choices=["ort-cpu", "torch-cpu", "ort-cuda", "torch-cuda"], default="torch-cpu",
+                   help="runtime of latency targets and of the measured latency")
+    s.add_argument("--finetune-epochs", type=int, default=1, help="epochs of fine-tuning with distillation (0: none)")
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--round-to", type=int, default=8, help="round kept channel counts to this multiple")
+    s.add_argument("--score-batches", type=int, default=8, help="training batches the scores are taken on")
+    s.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (AdamW, cosine schedule)")
+    s.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    s.add_argument("--reps", type=int, default=10, help="latency repetitions per round")
+    s.add_argument("--out", required=True, help="output directory")
+    s.set_defaults(fn=cmd_prune)
     s = model_cmd("sparsify", "apply the 2:4 pattern to Linear weights and write a reloadable result")
     s.add_argument("--method", choices=["magnitude"], default="magnitude",
                    help="which 2 of every 4 weights are kept (largest magnitude)")
