@@ -132,3 +132,29 @@ def test_check_model_compares_nested_outputs_leaf_by_leaf():
     out = model(x)
     assert _first(out) is out["feature_maps"][0]
     assert not _same_shapes(out, {"feature_maps": (out["feature_maps"][0], out["feature_maps"][1][:, :1])})
+
+
+class MovesToDevice(Block):
+    """Moves a parameter to an activation's device, then branches on a static size (as
+    transformers' YOLOS adds its mid position embeddings with ``.to(hidden_states.device)``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(5, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.c:
+            raise ValueError("wrong width")
+        h = x + self.pos.to(x.device)
+        if h.shape[1] > 1:  # known only if the meta values survived the moves
+            h = h * 2
+        return self.body(h)
+
+
+def test_moves_to_the_model_device_keep_their_meta_values():
+    model, x = MovesToDevice().eval(), torch.randn(2, 5, 16)
+    an = _exact(model, x)
+    assert an.front_end == FRONT_ENDS[2]
+    slim = vitgraph.compress(model, vitgraph.Plan.keep_all(an), an)
+    with torch.no_grad():
+        assert torch.equal(slim(torch.ones(3, 5, 16)), model(torch.ones(3, 5, 16)))

@@ -90,6 +90,21 @@ def _side(v: Any, k: int) -> Any:
     return v
 
 
+def _on_meta(v: Any) -> Any:
+    """``v`` with every device (a ``torch.device``, or the string of a ``device=`` argument) set
+    to the meta device: a value computed from meta values stays one when the code moves it to
+    the model's device (``x.to(hidden.device)``, ``torch.ones(..., device=x.device)``), where
+    copying out of a meta tensor would fail."""
+    if isinstance(v, torch.device):
+        return torch.device("meta")
+    if isinstance(v, dict):
+        return {key: torch.device("meta") if key == "device" and isinstance(x, str) else _on_meta(x)
+                for key, x in v.items()}
+    if isinstance(v, (list, tuple)) and any(isinstance(x, (torch.device, list, tuple, dict)) for x in v):
+        return type(v)(_on_meta(x) for x in v) if not hasattr(v, "_fields") else type(v)(*(_on_meta(x) for x in v))
+    return v
+
+
 class InlineTracer(ViTTracer):
     """Traces a callee with every proxy's meta values computed alongside (see module doc)."""
 
@@ -138,11 +153,13 @@ class InlineTracer(ViTTracer):
 
     def _evaluate(self, kind: str, target: Any, args: tuple, kwargs: dict, k: int) -> Any:
         """The value of one call with meta value number ``k`` of every proxy argument."""
-        a, kw = _side(args, k), _side(kwargs, k)
+        a, kw = _on_meta(_side(args, k)), _on_meta(_side(kwargs, k))
         with torch.no_grad():
             if kind == "call_function":
                 return target(*a, **kw)
             if kind == "call_method":
+                if target in ("cpu", "cuda") and isinstance(a[0], torch.Tensor) and a[0].device.type == "meta":
+                    return a[0]  # (a move to the model's device: the value stays a meta tensor)
                 return getattr(a[0], target)(*a[1:], **kw)
             if kind == "call_module":
                 mod = _lookup_module(self.root, target)
