@@ -158,3 +158,17 @@ def test_moves_to_the_model_device_keep_their_meta_values():
     slim = vitgraph.compress(model, vitgraph.Plan.keep_all(an), an)
     with torch.no_grad():
         assert torch.equal(slim(torch.ones(3, 5, 16)), model(torch.ones(3, 5, 16)))
+
+
+def test_timm_features_only_keeps_every_output():
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", features_only=True, out_indices=(1, 3), img_size=32,
+                              patch_size=8, depth=4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    an = vitgraph.analyze(model, x)
+    assert {g.kind for g in an.groups} >= {"head", "qk", "v", "ffn"}
+    slim = vitgraph.compress(model, vitgraph.Plan.from_scores(an, ratio=0.5), an)
+    with torch.no_grad():
+        ref, out = model(x), slim(x)
+    assert isinstance(out, list) and [t.shape for t in out] == [t.shape for t in ref]

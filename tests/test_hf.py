@@ -70,3 +70,16 @@ def test_local_directory_compresses_reloads_and_exports(tmp_path):
         assert torch.equal(back(x).logits, slim(x).logits)
     report = vitgraph.export_onnx(back, tmp_path / "m.onnx", (x,))  # parity checked at two batch sizes
     assert report is not None
+
+
+def test_backbone_keeps_every_feature_map():
+    model = transformers.Dinov2Backbone(transformers.Dinov2Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, image_size=32,
+        patch_size=8, out_features=["stage1", "stage2"])).eval()
+    x = torch.randn(2, 3, 32, 32)
+    an = vitgraph.analyze(model, x)
+    slim = vitgraph.compress(model, vitgraph.Plan.from_scores(an, ratio=0.5), an)
+    with torch.no_grad():
+        ref, out = model(x), slim(x)
+    assert type(out) is type(ref)
+    assert [t.shape for t in out.feature_maps] == [t.shape for t in ref.feature_maps]
