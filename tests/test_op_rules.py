@@ -362,6 +362,37 @@ def test_separate_q_k_v_slim_shapes():
         assert rel_err(slim(x), vitgraph.mask(m, plan, an)(x)) <= 1e-5
 
 
+class ComputedShapeQKV(SeparateQKV):
+    """Heads split by a shape the graph computes, as symbolic tracing records transformers'
+    ``transpose_for_scores``: ``x.view(x.size()[:-1] + (heads, dim))`` (and ``torch.reshape``
+    with ``x.shape[:-1] + ...`` for k)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.q(x)
+        q = q.view(q.size()[:-1] + (self.heads, self.dim)).transpose(1, 2)
+        k = self.k(x)
+        k = torch.reshape(k, k.shape[:-1] + (self.heads, self.dim)).transpose(1, 2)
+        v = self.v(x)
+        v = v.view(v.size()[:-1] + (self.heads, self.dim_v)).transpose(1, 2)
+        attn = (q @ k.transpose(-2, -1)) * self.dim ** -0.5
+        return x + self.proj(merge_heads(attn.softmax(dim=-1) @ v))
+
+
+def test_split_heads_by_a_computed_shape():
+    """A view/reshape whose whole shape is one graph value gets its elements rewritten."""
+    from vitgraph.capture.trace import FRONT_ENDS
+
+    m = build(ComputedShapeQKV, H, D, 12)
+    an = vitgraph.analyze(m, inputs(1))
+    assert an.front_end == FRONT_ENDS[0]  # (the shape is a node, not a tuple of sizes)
+    assert kinds_and_sizes(an) == sorted([("head", H), ("qk", D), ("residual", C), ("v", 12)]), str(an)
+    assert_exact(m, an)
+    plan = vitgraph.Plan.random(an, 0.5, kinds=INNER, seed=0)
+    slim = vitgraph.compress(m, plan, an)
+    with torch.no_grad():  # the batch stays dynamic
+        assert rel_err(slim(inputs(3)), vitgraph.mask(m, plan, an)(inputs(3))) <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. LayerScale on the residual branch and a SwiGLU MLP
 

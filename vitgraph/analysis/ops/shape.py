@@ -1,6 +1,7 @@
 """Ops that move or regroup dims: permute, transpose, squeeze, expand, repeat, reshape / view / flatten."""
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional, Sequence
 
 import torch
@@ -229,12 +230,23 @@ def _equal_single_blocks(store: Any, lay: Layout) -> bool:
     return all(len(b) == 1 for b in lay) and len({store.block_size(b) for b in lay}) == 1
 
 
+def _shape_elements(graph: fx.Graph, node: fx.Node, shape: list, rank: int) -> list:
+    """A target shape given as one value the graph computes (``x.size()[:-1] + (heads, d)``,
+    as symbolic tracing records it) becomes its ``rank`` elements, one ``getitem`` each, so
+    every element can be rewritten on its own."""
+    if rank < 2 or len(shape) != 1 or not isinstance(shape[0], fx.Node):
+        return shape
+    with graph.inserting_before(node):
+        return [graph.call_function(operator.getitem, (shape[0], i)) for i in range(rank)]
+
+
 def rewrite_reshape(rc: RewriteContext, node: fx.Node) -> None:
     """reshape/view/expand: the target shape follows the new channel counts."""
     td = rc.dims(node)
     new = rc.new_shape(td)
     if node.op == "call_method":
         rest = list(node.args[1:])
+        rest = _shape_elements(node.graph, node, rest, len(new)) if new != td.shape else rest
         packed = len(rest) == 1 and isinstance(rest[0], (list, tuple))
         shape = list(rest[0]) if packed else rest
         if len(shape) != len(new):
@@ -243,7 +255,11 @@ def rewrite_reshape(rc: RewriteContext, node: fx.Node) -> None:
         node.args = (node.args[0], tuple(shape)) if packed else (node.args[0], *shape)
     else:
         key = 1 if len(node.args) > 1 else None
-        shape = list(node.args[1] if key else node.kwargs["shape"])
+        given = node.args[1] if key else node.kwargs["shape"]
+        if isinstance(given, fx.Node):
+            shape = _shape_elements(node.graph, node, [given], len(new)) if new != td.shape else [given]
+        else:
+            shape = list(given)
         if len(shape) != len(new):
             return
         shape = scaled_sizes(rc, node.graph, node, shape, td.shape, new, td.dims)
