@@ -71,21 +71,35 @@ def folders(tmp_path_factory):
     return root / "train", root / "val"
 
 
-def test_prune_command_end_to_end_reloads_without_pickle(folders, tmp_path, capsys):
-    train, val = folders
+def _prune_argv(ckpt, train, val, out, epochs: str) -> list[str]:
+    return ["prune", MODEL, *ARGS, "--checkpoint", str(ckpt), "--data", str(train), "--val-data", str(val),
+            "--method", "hessian", "--target", "flops:0.5", "--finetune-epochs", epochs, "--batch-size", "4",
+            "--score-batches", "2", "--reps", "2", "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def pruned(folders, tmp_path_factory):
+    """One run of the command on a user's checkpoint: (OUT, checkpoint, what it printed, its exit code)."""
+    import contextlib
+    import io
+
+    tmp = tmp_path_factory.mktemp("pruned")
     torch.manual_seed(5)  # a user's checkpoint in timm's key layout
     trained = vitgraph.models.load_model(MODEL, model_args=KWARGS)[0]
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    ckpt = tmp_path / "ckpt.pth"
+    ckpt = tmp / "ckpt.pth"
     torch.save(trained.state_dict(), ckpt)
-    out = tmp_path / "out"
-    rc = main(["prune", MODEL, *ARGS, "--checkpoint", str(ckpt), "--data", str(train), "--val-data", str(val),
-               "--method", "hessian", "--target", "flops:0.5", "--finetune-epochs", "1", "--batch-size", "4",
-               "--score-batches", "2", "--reps", "2", "--out", str(out)])
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(_prune_argv(ckpt, *folders, tmp / "out", "1"))
+    return tmp / "out", ckpt, buf.getvalue(), rc
+
+
+def test_prune_command_end_to_end_reloads_without_pickle(pruned):
+    out, _, printed, rc = pruned
     assert rc == 0
-    printed = capsys.readouterr().out
     assert "| fine-tuned |" in printed
     for f in ("source.json", "plan.json", "model.safetensors", "model.onnx", "preprocess.json", "report.md"):
         assert (out / f).is_file(), f
@@ -108,6 +122,18 @@ def test_prune_command_end_to_end_reloads_without_pickle(folders, tmp_path, caps
 
     _, _, source = load_model_and_source(str(out))
     assert preprocessing(source, str(out)) == json.loads((out / "preprocess.json").read_text())
+
+
+def test_torchrun_two_processes_plan_as_one(pruned, folders, tmp_path):
+    out, ckpt, _, _ = pruned
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vitgraph.cli", *_prune_argv(ckpt, *folders, tmp_path / "two", "1")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "two" / "plan.json").read_text() == (out / "plan.json").read_text()
+    assert proc.stdout.count("| fine-tuned |") == 1  # only rank 0 reports and writes
+    assert (tmp_path / "two" / "report.md").is_file()
 
 
 def test_python_twin_returns_model_plan_and_figures(folders):

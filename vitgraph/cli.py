@@ -194,6 +194,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
 def cmd_sparsify(a: argparse.Namespace) -> int:
     from vitgraph import Plan, analyze, compress, sparsify_24
     from vitgraph.deploy.export import export_onnx
+    from vitgraph.data import PREPROCESS_FILE
     from vitgraph.deploy.onnx24 import check_24
 
     model, x, source = _load(a)
@@ -218,6 +219,9 @@ def cmd_sparsify(a: argparse.Namespace) -> int:
     report = sparse.vitgraph_24_report
     del sparse.vitgraph_24_report  # not part of the module's state
     artifact.save(out, sparse, plan, base)
+    recipe = Path(a.model) / PREPROCESS_FILE
+    if artifact.is_artifact(a.model) and recipe.is_file():  # a pruned result's preprocessing goes along
+        (out / PREPROCESS_FILE).write_text(recipe.read_text())
     (out / SPARSITY_FILE).write_text(json.dumps({
         "method": report.method, "min_features": a.min_features, "exclude": list(a.exclude),
         "sparsified": list(report.sparsified), "skipped": [list(s) for s in report.skipped],
