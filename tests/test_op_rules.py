@@ -393,6 +393,29 @@ def test_split_heads_by_a_computed_shape():
         assert rel_err(slim(inputs(3)), vitgraph.mask(m, plan, an)(inputs(3))) <= 1e-5
 
 
+class PooledQueryAttention(SeparateQKV):
+    """Query pooling by a max over token groups (Hiera): ``q.view(..., 3, N // 3, D).max(dim=2).values``,
+    the residual pooled the same way."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q = self.q(x).reshape(b, n, self.heads, self.dim).transpose(1, 2)
+        q = q.view(b, self.heads, 3, n // 3, self.dim).max(dim=2).values
+        k = self.k(x).reshape(b, n, self.heads, self.dim).transpose(1, 2)
+        v = self.v(x).reshape(b, n, self.heads, self.dim_v).transpose(1, 2)
+        o = merge_heads((q @ k.transpose(-2, -1)).softmax(dim=-1) @ v)
+        return x.view(b, 3, n // 3, c).max(dim=1).values + self.proj(o)
+
+
+def test_values_of_a_max_over_tokens_keep_channels():
+    """``.values`` of torch's (values, indices) result carries the channels of the reduced tensor."""
+    m = build(PooledQueryAttention, H, D, 12)
+    an = vitgraph.analyze(m, inputs(1))
+    assert not an.unruled, an.unruled
+    assert kinds_and_sizes(an) == sorted([("head", H), ("qk", D), ("residual", C), ("v", 12)]), str(an)
+    assert_exact(m, an)
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. LayerScale on the residual branch and a SwiGLU MLP
 

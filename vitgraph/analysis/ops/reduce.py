@@ -41,10 +41,16 @@ def _reduced(td: TensorDims, shp: tuple, node: fx.Node) -> TensorDims:
     return TensorDims(tuple(shp), tuple(dims), td.live)
 
 
+_RETURN_FIELDS = {"values": 0, "indices": 1}  # torch.return_types of max/min/sort/topk/median/mode/kthvalue
+
+
 def scalar_rule(ctx: RuleContext, node: fx.Node) -> Any:
     """Shape queries and scalar arithmetic carry no channels."""
     if node.target is builtins.getattr and node.args[1] not in ("shape", "dtype", "device", "ndim", "is_cuda"):
         td = ctx.dims(node.args[0])
+        if isinstance(td, tuple) and node.args[1] in _RETURN_FIELDS:
+            # ``x.max(dim).values``: a field of torch's (values, indices) return type
+            return td[_RETURN_FIELDS[node.args[1]]] if len(td) == 2 else no_rule(ctx, node)
         if isinstance(td, TensorDims) and node.args[1] == "T":
             return td.with_dims(td.dims[::-1], td.shape[::-1])
         if isinstance(td, TensorDims) and node.args[1] in ("mT", "mH") and len(td.shape) >= 2:
