@@ -499,6 +499,32 @@ def test_op_without_rule_freezes_and_reports():
     assert_exact(m, an)
 
 
+def swap_halves(parts: tuple) -> torch.Tensor:
+    """Opaque like ``reverse_channels``; takes the tuple ``chunk`` returns as one argument."""
+    return torch.cat((parts[1], parts[0]), -1) if bool(parts[0].sum() > -1e30) else torch.cat(parts, -1)
+
+
+torch.fx.wrap("swap_halves")
+
+
+class UnruledOnTuple(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(C, 24), nn.Linear(24, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(swap_halves(F.gelu(self.fc1(x)).chunk(2, -1)))
+
+
+def test_op_without_rule_freezes_the_tensors_of_a_tuple_argument():
+    """A tuple of tensors (a chunk's parts) passed whole to an op without a rule is frozen too."""
+    m = build(UnruledOnTuple)
+    an = vitgraph.analyze(m, inputs(1))
+    assert any("swap_halves" in what for _, what in an.unruled), an.unruled
+    assert sum(f.size for f in an.frozen if "swap_halves" in f.reason) == 24, an.explain_frozen()
+    assert kinds_and_sizes(an) == [("residual", C)], str(an)
+
+
 # ---------------------------------------------------------------------------------------------
 # 8. patterns from families off the coverage list (general op semantics, synthetic models)
 

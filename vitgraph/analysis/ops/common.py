@@ -47,7 +47,7 @@ def norm_dim(d: int, n: int) -> int:
 def no_rule(ctx: RuleContext, node: fx.Node) -> Any:
     """Freeze every channel an op without a rule touches; its outputs carry no channels."""
     what = _target_name(ctx, node)
-    ins = tensor_args(ctx, node)
+    ins = tensor_args(ctx, node) + _tuple_parts(ctx, node)
     for td in ins:
         for lay in td.dims:
             ctx.freeze(lay, "no rule", f"no rule for {what}")
@@ -60,6 +60,18 @@ def no_rule(ctx: RuleContext, node: fx.Node) -> Any:
     if shp and isinstance(shp[0], tuple):
         return tuple(TensorDims(s, (None,) * len(s), live) if s is not None else None for s in shp)
     return TensorDims(shp, (None,) * len(shp), live)
+
+
+def _tuple_parts(ctx: RuleContext, node: fx.Node) -> list[TensorDims]:
+    """Dims of the tensors inside tuple-valued arguments (the parts ``chunk`` or ``unbind``
+    returns, a ``(values, indices)`` result) passed whole."""
+    out: list[TensorDims] = []
+    for a in [*node.args, *node.kwargs.values()]:
+        for x in (a if isinstance(a, (list, tuple)) else (a,)):
+            d = ctx.dims(x)
+            if isinstance(d, tuple):
+                out.extend(t for t in d if isinstance(t, TensorDims))
+    return out
 
 
 def _target_name(ctx: RuleContext, node: fx.Node) -> str:
