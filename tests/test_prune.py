@@ -220,3 +220,17 @@ def test_bad_inputs_name_the_problem(folders, tmp_path, capsys):
         vitgraph.prune(torch.nn.Linear(2, 2), [], method="random")
     with pytest.raises(vitgraph.VitgraphError, match="source="):
         vitgraph.prune(torch.nn.Linear(2, 2), [], out=tmp_path / "x")
+
+
+def test_int8_writes_a_quantized_onnx_and_reports_it(folders, tmp_path):
+    import onnxruntime as ort
+
+    out = tmp_path / "o"
+    assert main(["prune", MODEL, *ARGS, "--data", str(folders[0]), "--method", "magnitude", "--finetune-epochs", "0",
+                 "--batch-size", "4", "--score-batches", "2", "--reps", "1", "--int8", "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "| int8 |" in report and "speedup" in report
+    sess = ort.InferenceSession(str(out / "model.int8.onnx"), providers=["CPUExecutionProvider"])
+    assert any(n.op_type == "QuantizeLinear" for n in __import__("onnx").load(str(out / "model.int8.onnx")).graph.node)
+    x = torch.randn(2, 3, 16, 16).numpy()
+    assert sess.run(None, {sess.get_inputs()[0].name: x})[0].shape == (2, 2)
