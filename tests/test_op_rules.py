@@ -416,6 +416,28 @@ def test_values_of_a_max_over_tokens_keep_channels():
     assert_exact(m, an)
 
 
+class EinsumAttention(SeparateQKV):
+    """Attention written as two einsums (CvT): ``bhlk,bhtk->bhlt`` then ``bhlt,bhtv->bhlv``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q(x).reshape(b, n, self.heads, self.dim).transpose(1, 2)
+        k = self.k(x).reshape(b, n, self.heads, self.dim).transpose(1, 2)
+        v = self.v(x).reshape(b, n, self.heads, self.dim_v).transpose(1, 2)
+        attn = torch.einsum("bhlk,bhtk->bhlt", [q, k]) * self.dim ** -0.5
+        return x + self.proj(merge_heads(torch.einsum("bhlt,bhtv->bhlv", attn.softmax(dim=-1), v)))
+
+
+def test_einsum_attention_finds_heads_and_values():
+    """Einsums between two activations give matmul's roles: head, qk and v groups."""
+    m = build(EinsumAttention, H, D, 12)
+    an = vitgraph.analyze(m, inputs(1))
+    assert kinds_and_sizes(an) == sorted([("head", H), ("qk", D), ("residual", C), ("v", 12)]), str(an)
+    qk, v, head = only(an, "qk"), only(an, "v"), only(an, "head")
+    assert qk.per_head and v.per_head and qk.head_group == v.head_group == head.id
+    assert_exact(m, an)
+
+
 # ---------------------------------------------------------------------------------------------
 # 6. LayerScale on the residual branch and a SwiGLU MLP
 

@@ -62,7 +62,9 @@ def matmul_rule(ctx: RuleContext, node: fx.Node) -> Any:
 
 
 def einsum_rule(ctx: RuleContext, node: fx.Node) -> Any:
-    """Einsum: equal letters are tied; a letter summed between two activations is a qk dim."""
+    """Einsum: equal letters are tied.  Between two activations the roles are matmul's: a letter
+    summed over is a qk dim, a letter both keep is a head (batch) dim, and a letter only the
+    second operand brings to the output is a v dim (``bhlt,bhtv->bhlv``)."""
     eq = node.args[0]
     ops = node.args[1:]
     if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
@@ -84,6 +86,10 @@ def einsum_rule(ctx: RuleContext, node: fx.Node) -> Any:
                         ctx.role(lay, "qk")
             else:
                 seen[ch] = (lay, s, td.live)
+    if len(tds) == 2 and tds[0].live and tds[1].live:
+        for ch, lay, s in zip(terms[1], tds[1].dims, tds[1].shape):
+            if ch in out and s != 1:
+                ctx.role(lay, "head" if ch in terms[0] else "v")
     dims = tuple(seen[ch][0] if seen[ch][1] == s else None for ch, s in zip(out, shp))
     return TensorDims(shp, dims, any(t.live for t in tds))
 
