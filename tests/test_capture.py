@@ -172,3 +172,26 @@ def test_timm_features_only_keeps_every_output():
     with torch.no_grad():
         ref, out = model(x), slim(x)
     assert isinstance(out, list) and [t.shape for t in out] == [t.shape for t in ref]
+
+
+class BuildsBatchSizedTensors(Block):
+    """Tensors built with a size that follows the batch (``torch.ones(batch, n)``, as transformers'
+    ViTMAE builds its token mask), next to control flow on a static size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.c:
+            raise ValueError("wrong width")
+        b, n, _ = x.shape
+        keep = torch.ones(b, n, 1, device=x.device) - torch.zeros([b, n, 1], device=x.device)
+        steps = torch.arange(n, device=x.device).reshape(1, n, 1).float()
+        return self.body(x * keep + steps)
+
+
+def test_constructors_take_sizes_that_follow_the_batch():
+    model, x, ones = BuildsBatchSizedTensors().eval(), torch.randn(2, 5, 16), torch.ones
+    an = _exact(model, x)
+    assert an.front_end == FRONT_ENDS[2]
+    assert torch.ones is ones  # torch's constructors are put back after tracing
+    slim = vitgraph.compress(model, vitgraph.Plan.keep_all(an), an)
+    with torch.no_grad():  # the batch stays dynamic
+        assert torch.equal(slim(torch.ones(3, 5, 16)), model(torch.ones(3, 5, 16)))

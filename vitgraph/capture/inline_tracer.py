@@ -9,13 +9,16 @@ differs follows the batch and stays symbolic in the graph (so the batch stays dy
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import operator
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.fx as fx
 from torch.fx.proxy import Attribute
 from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils import _pytree as pytree
 
 from vitgraph.capture.tracer import ViTTracer
 
@@ -105,8 +108,43 @@ def _on_meta(v: Any) -> Any:
     return v
 
 
+# torch's tensor constructors whose sizes (or bounds) may follow the batch
+_FACTORIES = ("zeros", "ones", "empty", "full", "rand", "randn", "randint", "arange")
+
+
+@contextlib.contextmanager
+def _factories_take_proxies() -> Iterator[None]:
+    """While tracing, ``torch.ones(batch, n)`` with a size that follows the batch (a proxy) is
+    recorded as a call: torch's own argument parser rejects a proxy among the sizes with a
+    ``TypeError``.  Calls without proxies run as before (constants the code makes)."""
+    originals = {name: getattr(torch, name) for name in _FACTORIES}
+
+    def taking_proxies(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            proxy = next((p for p in pytree.tree_leaves((args, kwargs)) if isinstance(p, fx.Proxy)), None)
+            if proxy is None:
+                return fn(*args, **kwargs)
+            return proxy.tracer.create_proxy("call_function", fn, args, kwargs)
+
+        return call
+
+    try:
+        for name, fn in originals.items():
+            setattr(torch, name, taking_proxies(fn))
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(torch, name, fn)
+
+
 class InlineTracer(ViTTracer):
     """Traces a callee with every proxy's meta values computed alongside (see module doc)."""
+
+    def trace(self, root: Any, concrete_args: Optional[dict[str, Any]] = None) -> fx.Graph:
+        """fx tracing with torch's constructors taking sizes that follow the batch."""
+        with _factories_take_proxies():
+            return super().trace(root, concrete_args)
 
     def __init__(self, honour_timm: bool = False) -> None:
         super().__init__(honour_timm)
