@@ -83,3 +83,27 @@ def test_backbone_keeps_every_feature_map():
         ref, out = model(x), slim(x)
     assert type(out) is type(ref)
     assert [t.shape for t in out.feature_maps] == [t.shape for t in ref.feature_maps]
+
+
+def _offlist(cls: str) -> str:
+    """The line of ``benchmarks/hf_offlist_models.txt`` (families off issue 12's list) for ``cls``."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "hf_offlist_models.txt"
+    return next(line.strip() for line in path.read_text().splitlines() if line.startswith(f"hf:{cls} "))
+
+
+@pytest.mark.parametrize("cls, kinds", [
+    ("PvtV2ForImageClassification", ("residual", "qk", "v", "ffn")),  # heads split by a computed shape
+    ("HieraForImageClassification", ("residual", "head", "qk", "v", "ffn")),  # query pooling by max().values
+    ("CvtForImageClassification", ("residual", "head", "qk", "v", "ffn")),  # attention as einsums
+    ("YolosForObjectDetection", ("head", "qk", "v", "ffn")),  # .to(hidden_states.device)
+    ("VitDetBackbone", ("head", "qk", "v", "ffn")),  # a BackboneOutput of feature maps
+])
+def test_offlist_families(cls, kinds):
+    model, x, _ = _load(_offlist(cls))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = check_model(model, x, onnx=False)
+    assert rep.ok, rep.failures()
+    assert all(rep.groups.get(k, 0) >= 1 for k in kinds), rep.groups
