@@ -176,6 +176,9 @@ def _split_one(rc: RewriteContext, graph: fx.Graph, store: Any, node: fx.Node, t
     src = node.args[0]
     x = rc.dims(src)
     cdim = [k for k, lay in enumerate(x.dims) if lay is not None]
+    if len(spos) == 1 and len(cdim) > 1:  # other dims carry channels too (tokens folded from a conv's
+        # channels): the fused projection's dim is the one made of as many sections as the reshape has
+        cdim = [k for k in cdim if len(store.expand(x.dims[k])) == td.shape[spos[0]]]
     if len(spos) != 1 or len(cdim) != 1:
         raise PlanError(f"cannot split the sections of {node.format_node()}")
     s, c = spos[0], cdim[0]

@@ -73,3 +73,35 @@ def test_ragged_sections_with_mixed_section_counts(kinds):
         out, ref = slim(x), vitgraph.mask(m, plan)(x)
     assert out.shape == ref.shape
     assert rel_err(out, ref) <= 1e-5
+
+
+class FoldedTokens(nn.Module):
+    """MobileViT-style: a conv's channels unfolded into patch tokens, so the token dims carry
+    channel layouts too, then a fused qkv over the last dim."""
+
+    def __init__(self, c: int = 16, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.heads = heads
+        self.attn = QKVAttention(dim, heads)
+        self.head = nn.Linear(dim, 5)
+        self.c = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        f = self.conv(x)  # [B, c, 8, 8]
+        t = f.reshape(b, self.c // 2, 2, 64).permute(0, 1, 3, 2).reshape(b * (self.c // 2), 64 * 2)
+        t = t.reshape(b * (self.c // 2), 4, 32)  # tokens whose dims come from conv channels
+        return self.head(self.attn(t).mean(1)).reshape(b, self.c // 2, 5).mean(1)
+
+
+@pytest.mark.parametrize("kinds", [("qk",), ("v",)], ids=["qk-only", "v-only"])
+def test_ragged_sections_when_tokens_carry_channels(kinds):
+    torch.manual_seed(0)
+    model, x = FoldedTokens().eval(), torch.randn(2, 3, 8, 8)
+    an = vitgraph.analyze(model, x)
+    plan = random_plan(an, kinds)
+    assert plan.kept, an
+    slim, masked = vitgraph.compress(model, plan, an), vitgraph.mask(model, plan, an)
+    with torch.no_grad():
+        assert rel_err(slim(x), masked(x)) <= 1e-5
