@@ -131,6 +131,15 @@ def distill_loss(
     return total
 
 
+def _float_outputs(out: Any) -> Any:
+    """``out`` with its floating tensors in float32 (tuples such as DeiT's (cls, dist) kept)."""
+    if isinstance(out, torch.Tensor):
+        return out.float() if out.is_floating_point() else out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_float_outputs(o) for o in out)
+    return out
+
+
 def finetune(
     student: nn.Module,
     data: Iterable[Any],
@@ -147,9 +156,14 @@ def finetune(
     max_steps: Optional[int] = None,
     device: Optional[torch.device] = None,
     log_every: int = 50,
+    amp: Optional[bool] = None,
 ) -> FinetuneLog:
     """Fine-tune ``student`` in place on ``(inputs, targets)`` batches with AdamW and a cosine
-    schedule; returns the loss history.  ``data`` must be re-iterable for ``epochs > 1``."""
+    schedule; returns the loss history.  ``data`` must be re-iterable for ``epochs > 1``.
+
+    ``amp`` runs the forward passes under bfloat16 autocast (the weights, gradients and optimizer
+    stay float32; bfloat16 has float32's range, so no loss scaling is needed); by default it is
+    on when ``device`` is a CUDA device."""
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if loss == "nvit" and teacher is None and cnn_teacher is None:
@@ -168,11 +182,18 @@ def finetune(
     out = FinetuneLog()
     t0 = time.perf_counter()
 
+    dev_type = torch.device(device).type if device is not None else "cpu"
+    autocast = amp if amp is not None else dev_type == "cuda"
+
     def step_loss(net: nn.Module, inputs: tuple, targets: Any) -> torch.Tensor:
-        with torch.no_grad():
-            tl = logits_of(teacher(*inputs)) if teacher is not None else None
-            cl = logits_of(cnn_teacher(*inputs)) if cnn_teacher is not None else None
-        return distill_loss(net(*inputs), targets, tl, loss, alpha, tau, kd_weight, cl)
+        with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=autocast):
+            with torch.no_grad():
+                tl = logits_of(teacher(*inputs)) if teacher is not None else None
+                cl = logits_of(cnn_teacher(*inputs)) if cnn_teacher is not None else None
+            out = net(*inputs)
+        # the loss in float32: a log-softmax over bfloat16 logits loses the small probabilities
+        as32 = (lambda t: t if t is None else t.float())
+        return distill_loss(_float_outputs(out), targets, as32(tl), loss, alpha, tau, kd_weight, as32(cl))
 
     def on_step(step: int, value: torch.Tensor) -> None:
         if log_every and (step + 1) % log_every == 0:

@@ -45,3 +45,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def x32() -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randn(2, 3, 32, 32)
+
+
+def write_image_folder(root, n: int, seed: int) -> None:
+    """Two classes of noisy 20x20 RGB PNGs, dark and bright, in ImageFolder layout (root/<class>/<i>.png)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c, level in enumerate((60, 190)):
+        (root / str(c)).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = np.clip(rng.normal(level, 40, (20, 20, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / str(c) / f"{i}.png")

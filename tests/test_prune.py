@@ -7,13 +7,11 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import vitgraph
-from conftest import random_plan, rel_err
+from conftest import random_plan, rel_err, write_image_folder
 from vitgraph.cli import main
 from vitgraph.models import load_model_and_source
 
@@ -53,21 +51,11 @@ FRESH = textwrap.dedent("""
 """)
 
 
-def _write_folder(root, n: int, seed: int) -> None:
-    """Two classes of noisy 20x20 RGB PNGs, dark and bright (a resize and crop to 16 follow)."""
-    rng = np.random.default_rng(seed)
-    for c, level in enumerate((60, 190)):
-        (root / str(c)).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            img = np.clip(rng.normal(level, 40, (20, 20, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(root / str(c) / f"{i}.png")
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
-    _write_folder(root / "train", 8, 0)
-    _write_folder(root / "val", 4, 1)
+    write_image_folder(root / "train", 8, 0)
+    write_image_folder(root / "val", 4, 1)
     return root / "train", root / "val"
 
 

@@ -9,6 +9,7 @@ in mind: nothing is unpickled, and no code is run but vitgraph's and the model l
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -105,11 +106,18 @@ def save(out: Union[str, Path], module: nn.Module, plan: Any, source: Source) ->
     """Write ``module`` (the result of ``compress(source.build(), plan)`` with any weights) to ``out``."""
     from safetensors.torch import save_model
 
+    from vitgraph.journal import write_atomic
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / SOURCE_FILE).write_text(json.dumps({"vitgraph_source": SOURCE_VERSION} | source.to_dict(), indent=1))
-    (out / PLAN_FILE).write_text(plan.to_json())
-    save_model(module, str(out / WEIGHTS_FILE))
+    # each file is renamed into place whole, the weights last: an interrupted save leaves no
+    # directory that passes is_artifact with files of two different results
+    (out / WEIGHTS_FILE).unlink(missing_ok=True)
+    write_atomic(out / SOURCE_FILE, json.dumps({"vitgraph_source": SOURCE_VERSION} | source.to_dict(), indent=1))
+    write_atomic(out / PLAN_FILE, plan.to_json())
+    partial = out / f".{WEIGHTS_FILE}.partial"
+    save_model(module, str(partial))
+    os.replace(partial, out / WEIGHTS_FILE)
     return out
 
 

@@ -243,6 +243,10 @@ def cmd_prune(a: argparse.Namespace) -> int:
     init_from_env()
     try:
         return _prune(a)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {a.out} keeps every finished step; continue with the same command and --resume",
+              file=sys.stderr)
+        return 130
     finally:
         shutdown()
 
@@ -253,8 +257,11 @@ def _prune(a: argparse.Namespace) -> int:
     from vitgraph.prune import parse_target, prune
 
     parse_target(a.target, "--target")  # before any model is built
+    if a.schedule == "oneshot" and a.steps != 1:
+        raise VitgraphError(f"--steps {a.steps} prunes in rounds and needs --schedule iterative")
     for flag, v, low in (("--finetune-epochs", a.finetune_epochs, 0), ("--batch-size", a.batch_size, 1),
-                         ("--round-to", a.round_to, 1), ("--score-batches", a.score_batches, 1)):
+                         ("--round-to", a.round_to, 1), ("--score-batches", a.score_batches, 1),
+                         ("--steps", a.steps, 1)):
         if v < low:
             raise VitgraphError(f"{flag} must be >= {low}, got {v}")
     model, x, source = _load(a)
@@ -273,12 +280,12 @@ def _prune(a: argparse.Namespace) -> int:
     r = prune(model, train, val, method=a.method, target=a.target, finetune_epochs=a.finetune_epochs,
               out=a.out, source=source, example_input=x, runtime=a.runtime, round_to=a.round_to,
               score_batches=a.score_batches, lr=a.lr, preprocess=recipe, reps=a.reps,
-              prune_outputs=a.prune_outputs, int8=a.int8)
+              prune_outputs=a.prune_outputs, int8=a.int8, schedule=a.schedule, steps=a.steps, resume=a.resume)
     if rank() == 0:
         print()
         print(r.table())
         print(f"\nFLOPs fraction {r.flops_fraction:.3f}; wrote {a.out}/: source.json, plan.json, model.safetensors, "
-              f"model.onnx{', model.int8.onnx' if a.int8 else ''}, preprocess.json, report.md; reload with vitgraph.load({a.out!r})")
+              f"model.onnx{', model.int8.onnx' if a.int8 else ''}, preprocess.json, widths.png, report.md; reload with vitgraph.load({a.out!r})")
     return 0
 
 
@@ -359,6 +366,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     s.add_argument("--int8", action="store_true", help="also write model.int8.onnx (onnxruntime static quantization "
                    "calibrated on the scoring batches) and report its top-1 and onnxruntime CPU speedup")
+    s.add_argument("--schedule", choices=["oneshot", "iterative"], default="oneshot",
+                   help="oneshot: prune once, then fine-tune; iterative: prune in --steps rounds toward the target, "
+                   "re-scoring each time, with the fine-tuning epochs shared out after the rounds (NViT)")
+    s.add_argument("--steps", type=int, default=1, help="rounds of --schedule iterative (default 1)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run in --out from its last finished step (same arguments)")
     s.add_argument("--reps", type=int, default=10, help="latency repetitions per round")
     s.add_argument("--out", required=True, help="output directory")
     s.set_defaults(fn=cmd_prune)

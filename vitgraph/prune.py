@@ -10,7 +10,9 @@ compression, top-1 before fine-tuning, fine-tuning with distillation from the de
 (:func:`vitgraph.passes.recovery.finetune`: one training loop, DistributedDataParallel under
 torchrun), final top-1, and with ``out`` the result directory: ``source.json``, ``plan.json``,
 ``model.safetensors`` (reloadable by :func:`vitgraph.load`, no pickle), ``model.onnx``,
-``preprocess.json`` and ``report.md``.  Under torchrun only rank 0 writes.
+``preprocess.json``, ``widths.png`` and ``report.md`` (written last).  Under torchrun only rank 0
+writes.  The steps are recorded in the directory as they finish (:mod:`vitgraph.journal`), so an
+interrupted run continues with ``resume=True``; ``schedule="iterative"`` prunes in rounds.
 """
 from __future__ import annotations
 
@@ -18,8 +20,7 @@ import contextlib
 import json
 import logging
 import sys
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
@@ -28,23 +29,17 @@ import torch
 from torch import nn
 
 from vitgraph.errors import VitgraphError
+from vitgraph.report import Stage, stage_table
 
-__all__ = ["PruneResult", "Stage", "prune", "evaluate", "parse_target", "METHODS", "TARGETS", "REPORT_FILE"]
+__all__ = ["PruneResult", "Stage", "prune", "evaluate", "parse_target", "round_fractions", "METHODS", "TARGETS",
+           "SCHEDULES", "REPORT_FILE"]
 
 METHODS = ("hessian", "kl", "magnitude", "threshold")
 TARGETS = ("flops", "params", "latency")
 RUNTIMES = ("ort-cpu", "torch-cpu", "ort-cuda", "torch-cuda")
+SCHEDULES = ("oneshot", "iterative")
 REPORT_FILE = "report.md"
-
-
-@dataclass
-class Stage:
-    """The figures of one model in the report: top-1 (percent), params, FLOPs, latency (ms)."""
-
-    top1: float
-    params: int
-    flops: int
-    latency_ms: Optional[float] = None
+log = logging.getLogger("vitgraph.prune")
 
 
 @dataclass
@@ -53,7 +48,8 @@ class PruneResult:
 
     ``stages`` maps ``"dense"``, ``"pruned"`` (before fine-tuning) and ``"fine-tuned"`` to
     :class:`Stage`; ``widths`` lists ``(group id, kind, kept, total)`` for every group;
-    ``finetune_losses`` the loss of every fine-tuning step; ``out`` the result directory.
+    ``finetune_losses`` the loss of every fine-tuning step; ``out`` the result directory;
+    ``rounds`` one dict per pruning round (``round``, ``goal``, ``flops``, ``top1`` after pruning).
     """
 
     model: nn.Module
@@ -64,6 +60,8 @@ class PruneResult:
     target: tuple[str, float]
     finetune_losses: list[float] = field(default_factory=list)
     out: Optional[Path] = None
+    schedule: str = "oneshot"
+    rounds: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def flops_fraction(self) -> float:
@@ -72,11 +70,7 @@ class PruneResult:
 
     def table(self) -> str:
         """The figures as a markdown table."""
-        lines = ["| model | top-1 (%) | params (M) | GFLOPs | latency (ms) |", "|---|---:|---:|---:|---:|"]
-        for name, s in self.stages.items():
-            lat = "-" if s.latency_ms is None else f"{s.latency_ms:.2f}"
-            lines.append(f"| {name} | {s.top1:.2f} | {s.params / 1e6:.3f} | {s.flops / 1e9:.4f} | {lat} |")
-        return "\n".join(lines)
+        return stage_table(self.stages)
 
 
 def parse_target(target: Union[str, tuple[str, float]], flag: str = "target") -> tuple[str, float]:
@@ -192,6 +186,15 @@ def evaluate(model: nn.Module, data: Iterable[Any], device: Optional[torch.devic
 # the pipeline
 
 
+def round_fractions(fraction: float, steps: int) -> list[float]:
+    """The kept fraction of the dense cost after each of ``steps`` rounds: ``fraction ** (k / steps)``.
+
+    Geometric rounds remove the same share of what is left each time, as NViT's schedule removes
+    a fixed number of units per interval while training continues between removals.
+    """
+    return [fraction ** (k / steps) for k in range(1, steps + 1)]
+
+
 def prune(
     model: nn.Module,
     train_data: Iterable[Any],
@@ -215,6 +218,10 @@ def prune(
     progress: Optional[bool] = None,
     prune_outputs: bool = False,
     int8: bool = False,
+    schedule: str = "oneshot",
+    steps: int = 1,
+    resume: bool = False,
+    amp: Optional[bool] = None,
 ) -> PruneResult:
     """Prune ``model`` to ``target``, fine-tune it with distillation from itself, and report.
 
@@ -224,21 +231,24 @@ def prune(
     ``method`` is a :func:`vitgraph.score` method (scores from the first ``score_batches``
     batches); ``target`` is ``"flops:F"``, ``"params:F"`` or ``"latency:F"`` (``runtime`` names
     the runtime latency is predicted and measured on: ort-cpu, torch-cpu, ort-cuda, torch-cuda).
+
+    ``schedule="iterative"`` with ``steps=K`` prunes in K rounds (NViT's schedule): round k keeps
+    ``F ** (k / K)`` of the dense cost, re-scoring the model the round before left, and the
+    fine-tuning budget (``finetune_epochs`` epochs of steps) is shared out evenly after the
+    rounds.  ``"oneshot"`` is one round with all the fine-tuning after it.  ``amp`` fine-tunes
+    under bfloat16 autocast (default: on CUDA).
+
     ``out`` writes the result directory and needs ``source`` (the
     :class:`~vitgraph.artifact.Source` that rebuilds the model, as
-    :func:`vitgraph.models.load_model_and_source` gives it).  ``int8`` (with ``out``) also writes
-    ``model.int8.onnx``: onnxruntime static quantization (QDQ, per-channel int8 MatMul/Gemm/Conv
-    weights and int8 activations) calibrated on the scoring batches, with its top-1 and its
-    onnxruntime CPU latency beside the fp32 file's.  The dense model is not changed.
+    :func:`vitgraph.models.load_model_and_source` gives it).  Every finished step is recorded
+    there (:class:`~vitgraph.journal.Journal`); ``resume=True`` continues an interrupted run from
+    its last finished step (the same arguments and data are needed).  ``int8`` (with ``out``)
+    also writes ``model.int8.onnx``: onnxruntime static quantization (QDQ, per-channel int8
+    MatMul/Gemm/Conv weights and int8 activations) calibrated on the scoring batches, with its
+    top-1 and its onnxruntime CPU latency beside the fp32 file's.  The dense model is not changed.
     """
-    from vitgraph.analysis.engine import analyze
-    from vitgraph.api import compress
     from vitgraph.distributed import rank
-    from vitgraph.passes.recovery import finetune
-    from vitgraph.passes.training import rank_loader
-    from vitgraph.planning.plan import Plan
-    from vitgraph.score import score
-    from vitgraph.targets import plan_to_target
+    from vitgraph.journal import Journal
 
     if not isinstance(model, nn.Module):
         raise VitgraphError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -249,12 +259,15 @@ def prune(
         raise VitgraphError("method 'threshold' learns toward a flops or params target, not latency")
     if runtime not in RUNTIMES:
         raise VitgraphError(f"runtime must be one of {'|'.join(RUNTIMES)}, got {runtime!r}")
-    if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 0:
-        raise VitgraphError(f"finetune_epochs must be an integer >= 0, got {finetune_epochs!r}")
-    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise VitgraphError(f"round_to must be an integer >= 1, got {round_to!r}")
-    if isinstance(score_batches, bool) or not isinstance(score_batches, int) or score_batches < 1:
-        raise VitgraphError(f"score_batches must be an integer >= 1, got {score_batches!r}")
+    for name, v in (("finetune_epochs", finetune_epochs), ("round_to", round_to), ("score_batches", score_batches),
+                    ("steps", steps)):
+        low = 0 if name == "finetune_epochs" else 1
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise VitgraphError(f"{name} must be an integer >= {low}, got {v!r}")
+    if schedule not in SCHEDULES:
+        raise VitgraphError(f"schedule must be one of {'|'.join(SCHEDULES)}, got {schedule!r}")
+    if schedule == "oneshot" and steps != 1:
+        raise VitgraphError(f"steps={steps} prunes in rounds and needs schedule='iterative' (--schedule iterative)")
     if int8 and out is None:
         raise VitgraphError("int8=True writes model.int8.onnx and needs out=")
     if out is not None and source is None:
@@ -275,55 +288,192 @@ def prune(
     if top_label >= n_out:
         raise VitgraphError(f"the data has label {top_label} but the model has {n_out} outputs: build it with as many "
                             "classes as the image folder has (--model-arg num_classes=N)")
+    config = {"method": method, "target": [kind, fraction], "schedule": schedule, "steps": steps,
+              "finetune_epochs": finetune_epochs, "lr": lr, "alpha": alpha, "round_to": round_to,
+              "score_batches": score_batches, "prune_outputs": prune_outputs, "input": list(x.shape),
+              "runtime": runtime if kind == "latency" else None,
+              "source": source.to_dict() if source is not None else None}
+    journal = Journal(out, config, resume=resume, writer=rank() == 0)
+    if journal.finished is not None:
+        return _finished(journal, Path(out), method, (kind, fraction))
 
-    model.to(dev)
-    dense_top1 = evaluate(model, val, dev, progress, "dense top-1")
-    model.cpu()
+    def top1(m: nn.Module, desc: str) -> float:
+        m.to(dev)
+        try:
+            return evaluate(m, val, dev, progress, desc)
+        finally:
+            m.cpu()
 
-    an = analyze(model, x, prune_outputs=prune_outputs)
-    proxy.desc, proxy.progress = f"scoring ({method})", progress
-    if method == "magnitude":
-        scores = score(model, an, "magnitude")
-    elif method == "threshold":
-        scores = score(model, an, "threshold", data=proxy, target=fraction, budget=kind)
-    else:
-        scores = score(model, an, method, data=proxy)
-    if method == "threshold":
-        plan = Plan.from_scores(an, scores, ratio=None)
-    else:
-        table = None
-        if kind == "latency":
-            from vitgraph.planning.latency import LatencyTable
-
-            table = LatencyTable(runtime, batch=1)
-        plan = plan_to_target(an, scores, target=kind, fraction=fraction, round_to=round_to,
-                              normalize=method == "magnitude", latency_table=table, calibrate=kind == "latency")
-    slim = compress(model, plan, an).eval()
-
-    slim.to(dev)
-    pruned_top1 = evaluate(slim, val, dev, progress, "pruned top-1")
+    run = _Run(model, proxy, x, dev, journal, method, kind, prune_outputs, round_to, runtime, progress)
+    dense_top1 = journal.run("dense", lambda: {"top1": top1(model, "dense top-1")})["top1"]
+    run.dense_cost = (_params(model), _flops(model, x))
+    chain, current, plan, an = source, model, None, None
+    shares = _finetune_shares(train_data, finetune_epochs, steps)
+    rounds = round_fractions(fraction, steps)
     losses: list[float] = []
-    if finetune_epochs:
-        steps = finetune_epochs * len(rank_loader(train_data)) if hasattr(train_data, "__len__") else None
-        with _finetune_bar(steps, progress):
-            losses = finetune(slim, train_data, teacher=model, loss="upvit", alpha=alpha, epochs=finetune_epochs,
-                              lr=lr, device=dev, log_every=1).losses
-    final_top1 = evaluate(slim, val, dev, progress, "fine-tuned top-1")
+    round_log: list[dict[str, Any]] = []
+    pruned_top1 = dense_top1
+    for k, goal in enumerate(rounds, start=1):
+        if plan is not None and chain is not None:
+            from vitgraph import artifact
+
+            chain = artifact.nested(chain, plan)  # the next round prunes the last round's architecture
+        an, plan = run.plan_round(k, current, goal, rounds[k - 2] if k > 1 else 1.0, fraction)
+        from vitgraph.api import compress
+
+        slim = compress(current, plan, an).eval()
+        pruned_top1 = journal.run(f"round{k}.pruned", lambda: {"top1": top1(slim, f"pruned top-1 ({k}/{steps})")})["top1"]
+        round_log.append({"round": k, "goal": goal, "flops": _flops(slim, x), "top1": pruned_top1})
+        ep, max_steps = shares[k - 1]
+        if ep and max_steps != 0:
+            losses += run.finetune(k, slim, train_data, ep, max_steps, lr, alpha, amp)
+        current = slim
+    slim = current
+    final_top1 = journal.run("final", lambda: {"top1": top1(slim, "fine-tuned top-1")})["top1"]
     model.cpu()
     slim.cpu().eval()
 
-    widths = [(g.id, g.kind, _kept(plan, g), g.size) for g in an.groups]
-    dense_cost = (_params(model), _flops(model, x))
+    sizes = {g.id: g.size for g in run.dense_groups}
+    widths = [(g.id, g.kind, _kept(plan, g), sizes.get(g.id, g.size)) for g in an.groups]
     slim_cost = (_params(slim), _flops(slim, x))
     lat = _latency(model, slim, x, runtime, reps) if measure and rank() == 0 else (None, None)
-    stages = {"dense": Stage(dense_top1, *dense_cost, lat[0]),
+    stages = {"dense": Stage(dense_top1, *run.dense_cost, lat[0]),
               "pruned": Stage(pruned_top1, *slim_cost, lat[1]),
               "fine-tuned": Stage(final_top1, *slim_cost, lat[1])}
-    result = PruneResult(slim, plan, stages, widths, method, (kind, fraction), losses)
+    result = PruneResult(slim, plan, stages, widths, method, (kind, fraction), losses, schedule=schedule,
+                         rounds=round_log)
     if out is not None and rank() == 0:
-        result.out = _write(Path(out), result, source, x, runtime, preprocess,
-                            (proxy, val, reps if measure else 0) if int8 else None)
+        result.out = _write(Path(out), result, chain, x, runtime, preprocess,
+                            (proxy, val, reps if measure else 0) if int8 else None, progress)
+        journal.finish({"stages": {n: asdict(s) for n, s in result.stages.items()},
+                        "widths": [list(w) for w in widths], "losses": losses, "rounds": round_log})
     return result
+
+
+class _Run:
+    """The state one pruning run's rounds share: the dense model, the proxy batches, the journal."""
+
+    def __init__(self, model: nn.Module, proxy: "_Batches", x: torch.Tensor, dev: torch.device, journal: Any,
+                 method: str, kind: str, prune_outputs: bool, round_to: int, runtime: str,
+                 progress: Optional[bool]) -> None:
+        self.model, self.proxy, self.x, self.dev, self.journal = model, proxy, x, dev, journal
+        self.method, self.kind, self.prune_outputs, self.round_to = method, kind, prune_outputs, round_to
+        self.runtime, self.progress = runtime, progress
+        self.dense_cost = (0, 0)
+        self.dense_groups: list = []
+
+    def plan_round(self, k: int, current: nn.Module, goal: float, last_goal: float, fraction: float) -> tuple[Any, Any]:
+        """Round ``k``'s analysis of ``current`` and its plan toward ``goal`` of the dense cost."""
+        from vitgraph.analysis.engine import analyze
+        from vitgraph.planning.plan import Plan
+
+        an = analyze(current, self.x, prune_outputs=self.prune_outputs)
+        if k == 1:
+            self.dense_groups = list(an.groups)
+        done = self.journal.get(f"round{k}.plan")
+        if done is not None:
+            return an, Plan.from_json(done["plan"])
+        # the round's fraction of ``current``'s cost: FLOPs and parameters are counted; latency
+        # rounds are calibrated on measurement, so the last round's goal stands for what it reached
+        if self.kind == "latency":
+            reached = last_goal
+        elif self.kind == "flops":
+            reached = _flops(current, self.x) / self.dense_cost[1]
+        else:
+            reached = _params(current) / self.dense_cost[0]
+        rel = min(goal / reached, 1.0)
+        scores = self._scores(k, current, an, rel)
+        if self.method == "threshold":
+            plan = Plan.from_scores(an, scores, ratio=None)
+        else:
+            from vitgraph.targets import plan_to_target
+
+            table = None
+            if self.kind == "latency":
+                from vitgraph.planning.latency import LatencyTable
+
+                table = LatencyTable(self.runtime, batch=1)
+            plan = plan_to_target(an, scores, target=self.kind, fraction=rel, round_to=self.round_to,
+                                  normalize=self.method == "magnitude", latency_table=table,
+                                  calibrate=self.kind == "latency")
+        self.journal.record(f"round{k}.plan", {"plan": plan.to_json(indent=None), "fraction": rel})
+        return an, plan
+
+    def _scores(self, k: int, current: nn.Module, an: Any, rel: float) -> Any:
+        from vitgraph.score import Scores, score
+
+        step = f"round{k}.scores"
+        if self.journal.get(step) is not None:
+            saved = self.journal.tensors(step)
+            return Scores(saved["scores"], self.method, keep=saved["keep"])
+        self.proxy.desc, self.proxy.progress = f"scoring ({self.method})", self.progress
+        if self.method == "magnitude":
+            s = score(current, an, "magnitude")
+        elif self.method == "threshold":
+            s = score(current, an, "threshold", data=self.proxy, target=rel, budget=self.kind)
+        else:
+            s = score(current, an, self.method, data=self.proxy)
+        self.journal.record(step, {"method": self.method},
+                            tensors={"scores": {g: t.detach().cpu() for g, t in s.items()}, "keep": s.keep})
+        return s
+
+    def finetune(self, k: int, slim: nn.Module, train_data: Iterable[Any], epochs: int, max_steps: Optional[int],
+                 lr: float, alpha: float, amp: Optional[bool]) -> list[float]:
+        """Round ``k``'s fine-tuning of ``slim`` with distillation from the dense model (or its record)."""
+        from safetensors.torch import load_model, save_model
+
+        from vitgraph.passes.recovery import finetune
+        from vitgraph.passes.training import batches_per_epoch, rank_loader
+
+        step = f"round{k}.finetune"
+        done = self.journal.get(step)
+        if done is not None:
+            load_model(slim, str(self.journal.dir / f"{step}.safetensors"), strict=True)
+            return done["losses"]
+        total = max_steps
+        if total is None:
+            n = batches_per_epoch(rank_loader(train_data))
+            total = None if n is None else epochs * n
+        with _finetune_bar(total, self.progress):
+            losses = finetune(slim, train_data, teacher=self.model, loss="upvit", alpha=alpha, epochs=epochs,
+                              max_steps=max_steps, lr=lr, device=self.dev, log_every=1, amp=amp).losses
+        self.model.cpu()
+        slim.cpu().eval()
+        if self.journal.writer:
+            import os
+
+            partial = self.journal.dir / f".{step}.safetensors.partial"
+            save_model(slim, str(partial))
+            os.replace(partial, self.journal.dir / f"{step}.safetensors")
+        self.journal.record(step, {"losses": losses})
+        return losses
+
+
+def _finetune_shares(train_data: Iterable[Any], epochs: int, rounds: int) -> list[tuple[int, Optional[int]]]:
+    """``(epochs, max_steps)`` of each round's fine-tuning: ``epochs`` epochs of steps shared out evenly."""
+    if rounds == 1 or not epochs:
+        return [(epochs, None)] * rounds
+    from vitgraph.passes.training import batches_per_epoch, rank_loader
+
+    n = batches_per_epoch(rank_loader(train_data))
+    if n is None:  # no length: whole epochs, at least one per round
+        return [(max(1, epochs // rounds), None)] * rounds
+    cuts = [epochs * n * k // rounds for k in range(rounds + 1)]
+    return [(epochs, cuts[k + 1] - cuts[k]) for k in range(rounds)]
+
+
+def _finished(journal: Any, out: Path, method: str, target: tuple[str, float]) -> PruneResult:
+    """The result of a run that already finished in ``out`` (``resume=True`` after the last step)."""
+    from vitgraph import artifact
+    from vitgraph.planning.plan import Plan
+
+    log.info("%s: the run finished earlier; loading its result", out)
+    done = journal.finished
+    stages = {n: Stage(**s) for n, s in done["stages"].items()}
+    plan = Plan.from_json((out / artifact.PLAN_FILE).read_text())
+    cfg = journal.config
+    return PruneResult(artifact.load(out), plan, stages, [tuple(w) for w in done["widths"]], method, target,
+                       done["losses"], out, schedule=cfg["schedule"], rounds=done["rounds"])
 
 
 def _logits(out: Any) -> torch.Tensor:
@@ -362,58 +512,16 @@ def _latency(model: nn.Module, slim: nn.Module, x: torch.Tensor, runtime: str, r
     return dense_ms, slim_ms
 
 
-def _quantize(out: Path, calibration: list, val: Iterable[Any], reps: int, x: torch.Tensor) -> tuple[float, Optional[float], Optional[float]]:
-    """``model.int8.onnx`` from ``model.onnx``, calibrated on ``calibration``: (top-1, fp32 ms, int8 ms)."""
-    import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from vitgraph.deploy.measure import measure_latency, ort_runner
-
-    src, dst = out / "model.onnx", out / "model.int8.onnx"
-    name = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()[0].name
-
-    class _Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.feeds = iter([{name: b[0].cpu().numpy()} for b in list.__iter__(calibration)])
-
-        def get_next(self) -> Optional[dict]:
-            return next(self.feeds, None)
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # the quantizer warns about every 1-d weight it leaves alone
-    try:
-        with tempfile.TemporaryDirectory() as d:
-            pre = Path(d) / "pre.onnx"
-            quant_pre_process(str(src), str(pre))
-            quantize_static(str(pre), str(dst), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            weight_type=QuantType.QInt8, activation_type=QuantType.QInt8,
-                            op_types_to_quantize=["MatMul", "Gemm", "Conv"])
-    except Exception as e:  # noqa: BLE001 - onnxruntime's quantizer raises many kinds
-        raise VitgraphError(f"--int8: onnxruntime static quantization of {src} failed: {type(e).__name__}: {e}") from e
-    finally:
-        root.setLevel(level)
-    sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
-    correct = total = 0
-    with _bar(None, "int8 top-1", None) as bar:
-        for xb, yb in val:
-            pred = sess.run(None, {name: xb.cpu().numpy()})[0].argmax(-1)
-            correct += int((torch.from_numpy(pred) == yb.cpu()).sum())
-            total += len(yb)
-            bar.update(1)
-    if not reps:
-        return 100.0 * correct / max(total, 1), None, None
-    xs = x[:1].numpy()
-    stats = measure_latency({"fp32": ort_runner(src, xs), "int8": ort_runner(dst, xs)}, reps=reps, rounds=3)
-    return 100.0 * correct / max(total, 1), stats["fp32"].median_ms, stats["int8"].median_ms
-
-
 def _write(out: Path, r: PruneResult, source: Any, x: torch.Tensor, runtime: str,
-           preprocess: Optional[dict], int8: Optional[tuple] = None) -> Path:
-    """The result directory: artifact files, model.onnx, preprocess.json, then report.md (written last)."""
+           preprocess: Optional[dict], int8: Optional[tuple] = None, progress: Optional[bool] = None) -> Path:
+    """The result directory: artifact files, model.onnx, preprocess.json, widths.png, then report.md last.
+
+    Each file is renamed into place whole; report.md appears only once every other file is there.
+    """
     from vitgraph import artifact
     from vitgraph.deploy.export import export_onnx
+    from vitgraph.journal import write_atomic
+    from vitgraph.report import draw_widths, widths_table
 
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_FILE).unlink(missing_ok=True)  # a report names a finished result only
@@ -422,24 +530,38 @@ def _write(out: Path, r: PruneResult, source: Any, x: torch.Tensor, runtime: str
     if preprocess is not None:
         from vitgraph.data import PREPROCESS_FILE
 
-        (out / PREPROCESS_FILE).write_text(json.dumps(preprocess, indent=1))
+        write_atomic(out / PREPROCESS_FILE, json.dumps(preprocess, indent=1))
     int8_line = ""
     if int8 is not None:
-        top1, fp32_ms, int8_ms = _quantize(out, *int8, x)
+        from vitgraph.deploy.int8 import evaluate_onnx, int8_speedup, quantize_int8
+
+        calibration, val, reps = int8
+        dst = quantize_int8(out / "model.onnx", out / "model.int8.onnx", list.__iter__(calibration))
+        with _bar(None, "int8 top-1", progress) as bar:
+            top1 = evaluate_onnx(dst, val, bar)
         ft = r.stages["fine-tuned"]
+        fp32_ms, int8_ms = int8_speedup(out / "model.onnx", dst, x, reps) if reps else (None, None)
         r.stages["int8"] = Stage(top1, ft.params, ft.flops, int8_ms)
         if int8_ms is not None:
             int8_line = (f" INT8 (model.int8.onnx, onnxruntime static quantization calibrated on the scoring batches): "
                          f"onnxruntime CPU {fp32_ms:.2f} ms fp32 -> {int8_ms:.2f} ms int8, speedup "
                          f"{fp32_ms / int8_ms:.2f}x; its latency column is onnxruntime CPU.")
     kind, fraction = r.target
-    lines = [f"# vitgraph prune: {r.method}, target {kind}:{fraction:g}", "",
+    sched = "one-shot" if r.schedule == "oneshot" else f"iterative, {len(r.rounds)} rounds"
+    draw_widths(r.widths, out / "widths.png", f"{r.method}, {kind}:{fraction:g} ({sched}): kept / dense width")
+    lines = [f"# vitgraph prune: {r.method}, target {kind}:{fraction:g}, {sched}", "",
              f"Latency: median at batch 1 on {runtime} (pruned and fine-tuned share one architecture). "
              f"FLOPs fraction {r.flops_fraction:.3f}; ONNX parity max abs diff {rep.max_abs_diff:.2e}.{int8_line}", "",
-             r.table(), "", "## Widths", "", "| group | kind | kept | of |", "|---|---|---:|---:|"]
-    lines += [f"| {gid} | {k} | {n} | {size} |" for gid, k, n, size in r.widths]
+             r.table()]
+    if len(r.rounds) > 1:
+        dense_flops = r.stages["dense"].flops
+        lines += ["", "## Rounds", "", "| round | goal (of dense FLOPs/cost) | FLOPs fraction | top-1 after pruning (%) |",
+                  "|---:|---:|---:|---:|"]
+        lines += [f"| {d['round']} | {d['goal']:.3f} | {d['flops'] / dense_flops:.3f} | {d['top1']:.2f} |"
+                  for d in r.rounds]
+    lines += ["", "## Widths", "", "![kept widths](widths.png)", "", *widths_table(r.widths)]
     if r.finetune_losses:
         lines += ["", f"Fine-tuning: {len(r.finetune_losses)} steps, loss {r.finetune_losses[0]:.4f} -> "
                   f"{r.finetune_losses[-1]:.4f}."]
-    (out / REPORT_FILE).write_text("\n".join(lines) + "\n")
+    write_atomic(out / REPORT_FILE, "\n".join(lines) + "\n")
     return out
