@@ -49,6 +49,7 @@ __all__ = [
     "sparsify_24",
     "enforce_24",
     "reapply_masks",
+    "restore_masks",
     "to_semi_structured",
 ]
 
@@ -487,11 +488,30 @@ def _masked_linears(module: nn.Module) -> dict[str, nn.Linear]:
 
 
 @torch.no_grad()
+def restore_masks(module: nn.Module, names: Iterable[str]) -> int:
+    """Store the 2:4 mask buffer of every named Linear again, read off its (already 2:4) weight.
+
+    The buffers are not part of the state dict, so a saved 2:4 model reloads without them; the
+    mask is the 2 largest magnitudes of every group of 4 (the nonzeros, and any zeros needed to
+    make 2).  Returns the number of layers; a weight that is not 2:4 raises ``ValueError``.
+    """
+    layers, names = dict(module.named_modules()), list(names)
+    for name in names:
+        linear = layers.get(name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"{name!r} is not a Linear layer of the model")
+        if not satisfies_24(linear.weight):
+            raise ValueError(f"the weight of {name!r} is not 2:4 sparse")
+        _set_mask(linear, mask_24(linear.weight.detach().abs()))
+    return len(names)
+
+
 def reapply_masks(module: nn.Module) -> int:
     """Zero pruned weights of every masked Linear in place; return the number of layers."""
     layers = _masked_linears(module)
-    for m in layers.values():
-        m.weight.mul_(getattr(m, MASK_BUFFER).to(m.weight.dtype))
+    with torch.no_grad():
+        for m in layers.values():
+            m.weight.mul_(getattr(m, MASK_BUFFER).to(m.weight.dtype))
     return len(layers)
 
 

@@ -156,7 +156,7 @@ def test_compress_plan_applies_the_saved_plan_exactly(tmp_path):
 
 
 def test_sparsify_writes_a_reloadable_24_result(tmp_path):
-    from vitgraph.passes.sparsity24 import satisfies_24
+    from vitgraph.passes.sparsity24 import reapply_masks, satisfies_24
 
     out = tmp_path / "s"
     assert main(["sparsify", MODEL, *ARGS, "--out", str(out)]) == 0
@@ -165,6 +165,14 @@ def test_sparsify_writes_a_reloadable_24_result(tmp_path):
     m = vitgraph.load(out)
     layers = dict(m.named_modules())
     assert all(satisfies_24(layers[n].weight) for n in info["sparsified"])
+    # the masks (not in the state dict) are restored, so fine-tuning the reloaded result keeps 2:4
+    tuned = vitgraph.load(out)
+    tuned_layers = dict(tuned.named_modules())
+    with torch.no_grad():
+        for n in info["sparsified"]:
+            tuned_layers[n].weight.add_(1.0)  # what an optimizer step does to every weight
+    assert reapply_masks(tuned) == 8
+    assert all(satisfies_24(tuned_layers[n].weight) for n in info["sparsified"])
     again = tmp_path / "s2"  # a result directory in: same source and plan, still 2:4
     assert main(["sparsify", str(out), "--out", str(again)]) == 0
     assert json.loads((again / "source.json").read_text())["kind"] == "timm"

@@ -19,9 +19,11 @@ from torch import nn
 
 from vitgraph.errors import VitgraphError
 
-__all__ = ["SOURCE_FILE", "PLAN_FILE", "WEIGHTS_FILE", "Source", "is_artifact", "load", "save"]
+__all__ = ["SOURCE_FILE", "PLAN_FILE", "WEIGHTS_FILE", "SPARSITY_FILE", "Source", "is_artifact", "load",
+           "save"]
 
 SOURCE_FILE, PLAN_FILE, WEIGHTS_FILE = "source.json", "plan.json", "model.safetensors"
+SPARSITY_FILE = "sparsity24.json"  # written by vitgraph sparsify: the 2:4 layers, whose masks load restores
 _KINDS = ("timm", "torchvision", "transformers", "vitgraph")
 SOURCE_VERSION = 1
 
@@ -153,7 +155,20 @@ def load(path: Union[str, Path]) -> nn.Module:
         load_model(slim, str(path / WEIGHTS_FILE), strict=True)
     except RuntimeError as e:
         raise VitgraphError(f"{path / WEIGHTS_FILE} does not fit the model its source and plan build: {e}") from e
+    if (path / SPARSITY_FILE).is_file():
+        _restore_24(slim, path / SPARSITY_FILE)
     return slim.eval()
+
+
+def _restore_24(model: nn.Module, where: Path) -> None:
+    """The 2:4 mask buffers of a sparsified result (not in the state dict), so fine-tuning keeps the pattern."""
+    from vitgraph.passes.sparsity24 import restore_masks
+
+    try:
+        names = json.loads(where.read_text())["sparsified"]
+        restore_masks(model, names)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise VitgraphError(f"{where}: cannot restore the 2:4 masks of its layers: {e}") from e
 
 
 def nested(source: Source, plan: Any) -> Source:

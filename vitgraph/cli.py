@@ -16,7 +16,7 @@ from vitgraph.errors import VitgraphError
 from vitgraph import artifact
 from vitgraph.models import load_model_and_source, parse_model_args
 
-SPARSITY_FILE = "sparsity24.json"
+SPARSITY_FILE = artifact.SPARSITY_FILE
 
 
 @contextlib.contextmanager
