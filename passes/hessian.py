@@ -1,11 +1,18 @@
 """Hessian-aware saliency (NViT): second-order importance of every unit, one global ranking.
 
 Each unit ``S`` (a residual channel, a head, a per-head q/k or v dim, an FFN channel) has a gate
-``g_S`` scaling every weight linked to it (``passes.gates``).  Two estimates of the unit's
+``g_S`` scaling every weight linked to it (``passes.gates``).  Three estimates of the unit's
 second-order saliency are offered:
 
-* ``"fisher"`` (NViT's code): per batch ``c_S = dL/dg_S = sum_{w in S} w * dL/dw``, divided by
-  the group kind's factor, squared and summed over batches.  One forward and backward per batch.
+* ``"fisher"`` (the default): the empirical Fisher diagonal, per example ``i``
+  ``c_{S,i} = dL_i/dg_S = sum_{w in S} w * dL_i/dw``, divided by the group kind's factor, squared
+  and summed over examples: ``I_S = sum_i c_{S,i}^2``.  Per-example gradients come from
+  ``torch.func.vmap(grad)`` over ``chunk`` examples at a time (one batched forward and backward).
+* ``"batch"`` (NViT's code): the same with ``c_S`` the gradient of the *batch-mean* loss, squared
+  per batch.  Near convergence the batch-mean gradient is a small mean plus noise, so its square
+  over a few dozen batches is a noisy, mean-dominated estimate of the per-example second moment
+  that ``"fisher"`` averages over every example (issue 14: it ranked below the weight norm;
+  benchmarks/results/criteria.md compares the two).
 * ``"hvp"`` (NViT's paper): ``E_z || (grad_g L(g + h z) - grad_g L(g)) / h ||^2_S`` with
   ``z ~ N(0, 1)``: the squared ``S`` entry of a finite-difference Hessian-vector product,
   averaged over ``probes`` draws.  ``1 + probes`` backward passes per batch.
@@ -20,16 +27,16 @@ import time
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional
 
 import torch
-from torch.func import functional_call
+from torch.func import functional_call, grad, vmap
 
 from vitgraph.distributed import all_reduce_sum
 from vitgraph.passes.gates import PRUNABLE, GateSet, model_tensors
-from vitgraph.passes.scoring_common import LossFn, default_loss, log, scoring_batches
+from vitgraph.passes.scoring_common import LossFn, default_loss, log, scoring_batches, scoring_graph
 
 if TYPE_CHECKING:
     from vitgraph.analysis.engine import Analysis
 
-MODES = ("fisher", "hvp")
+MODES = ("fisher", "batch", "hvp")
 
 
 def default_kind_factors(analysis: "Analysis") -> dict[str, float]:
@@ -51,17 +58,20 @@ def hessian_scores(
     device: Optional[torch.device] = None,
     seed: int = 0,
     log_every: int = 10,
+    chunk: int = 32,
 ) -> dict[str, torch.Tensor]:
     """Per-unit Hessian-aware saliency of every group of ``kinds`` (shapes as ``Plan.from_scores``).
 
     ``data`` yields ``(inputs, targets)``; ``loss_fn(output, targets)`` defaults to
-    cross-entropy.  Under torch.distributed each rank scores its share of the batches and the
-    sums are reduced, so the result does not depend on the number of processes.
+    cross-entropy; in ``"fisher"`` mode it is called on one example at a time (output and
+    targets with a batch of 1, under ``vmap``), ``chunk`` examples per batched backward.  Under
+    torch.distributed each rank scores its share of the batches and the sums are reduced, so the
+    result does not depend on the number of processes.
     """
     if mode not in MODES:
         raise ValueError(f"hessian mode must be one of {MODES}, got {mode!r}")
-    if probes < 1:
-        raise ValueError(f"probes must be >= 1, got {probes}")
+    if probes < 1 or chunk < 1:
+        raise ValueError(f"probes and chunk must be >= 1, got {probes} and {chunk}")
     loss_fn = loss_fn or default_loss
     gates = GateSet(analysis, kinds=kinds)
     if not gates.groups:
@@ -74,6 +84,7 @@ def hessian_scores(
     if device is not None:
         gm.to(device)
     base = model_tensors(gm)
+    vgm = scoring_graph(gm).eval() if mode == "fisher" else None
     acc = {gid: torch.zeros(gates.numel(gid), dtype=torch.float64, device=device) for gid in gates.shapes}
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n = 0
@@ -88,11 +99,14 @@ def hessian_scores(
                 return {k: (gr if gr is not None else torch.zeros_like(g[k])).detach() for k, gr in zip(g, grads)}
 
             ones = gates.ones(device=device)
-            g0 = gate_grads(ones)
             if mode == "fisher":
-                for gid, c in g0.items():
+                for gid, c2 in _per_example_sq(vgm, gates, base, inputs, targets, loss_fn, ones, chunk).items():
+                    acc[gid] += c2 / factors[_kind(gates, gid)] ** 2
+            elif mode == "batch":
+                for gid, c in gate_grads(ones).items():
                     acc[gid] += (c.double() / factors[_kind(gates, gid)]) ** 2
             else:
+                g0 = gate_grads(ones)
                 for _ in range(probes):
                     z = {k: torch.randn(v.shape, generator=gen).to(v) for k, v in ones.items()}
                     g1 = gate_grads({k: ones[k] + h * z[k] for k in ones})
@@ -106,6 +120,27 @@ def hessian_scores(
         gm.train(was_training)
     total = all_reduce_sum(acc)
     return {gid: gates.unflatten(gid, v.float().cpu()) for gid, v in total.items()}
+
+
+def _per_example_sq(gm, gates: GateSet, base, inputs, targets, loss_fn, ones, chunk: int) -> dict[str, torch.Tensor]:
+    """``sum_i (dL_i / dg)^2`` over the examples of one batch, ``L_i`` the loss of example ``i`` alone."""
+    if targets is not None and not isinstance(targets, torch.Tensor):
+        raise ValueError("hessian mode 'fisher' needs tensor targets (one per example) to take per-example "
+                         f"gradients, got {type(targets).__name__}; use mode='batch' for other targets")
+
+    def loss_one(g: dict[str, torch.Tensor], one: tuple[torch.Tensor, ...], t: Optional[torch.Tensor]) -> torch.Tensor:
+        out = functional_call(gm, gates.apply(base, g), tuple(x.unsqueeze(0) for x in one))
+        return loss_fn(out, None if t is None else t.unsqueeze(0))
+
+    per_example = vmap(grad(loss_one), in_dims=(None, 0, None if targets is None else 0))
+    b = inputs[0].shape[0]
+    out = {gid: torch.zeros_like(v, dtype=torch.float64) for gid, v in ones.items()}
+    for start in range(0, b, chunk):
+        sl = slice(start, start + chunk)
+        grads = per_example(ones, tuple(x[sl] for x in inputs), None if targets is None else targets[sl])
+        for gid, gr in grads.items():
+            out[gid] += (gr.double() ** 2).sum(0)
+    return out
 
 
 def _kind(gates: GateSet, gid: str) -> str:
