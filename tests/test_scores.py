@@ -51,7 +51,7 @@ def test_gates_at_zero_equal_the_masked_model(setup):
 
 def test_fisher_saliency_is_the_squared_gate_gradient(setup):
     model, an, data = setup
-    s = vitgraph.score(model, an, "hessian", data=data[:1])
+    s = vitgraph.score(model, an, "hessian", data=data[:1], mode="batch")  # per-example form: test_criteria_estimators.py
     # by hand: c_u = sum over fc1 row u, fc1 bias u and fc2 column u of w * dL/dw
     model.zero_grad()
     x, y = data[0]
