@@ -333,6 +333,65 @@ def int8_speed(out: Path, batches: tuple[int, ...] = (1, 64), reps: int = 20, ro
     return res
 
 
+def latency_diagnosis(work: Path, train: Path, repeats: int = 2) -> dict:
+    """Why a latency target lands where it does: the command's scores (its first 8 training batches),
+    then (a) ``plan_to_target(..., calibrate=True)`` as the command calls it, with its round history,
+    ``repeats`` times, and (b) plans from the latency table alone at several planned fractions, each
+    timed against the dense model in long interleaved runs (200 calls x 10 rounds, 3 times)."""
+    import tempfile
+    from itertools import islice
+
+    import vitgraph
+    from vitgraph.data import image_folder, make_transform, preprocessing
+    from vitgraph.deploy.export import export_onnx
+    from vitgraph.deploy.measure import count_flops, measure_latency, ort_runner
+    from vitgraph.errors import PlanError
+    from vitgraph.models import load_model_and_source
+    from vitgraph.planning.latency import LatencyTable
+    from vitgraph.targets import plan_to_target
+
+    model, x, source = load_model_and_source(MODEL, model_args=MODEL_ARGS, checkpoint=str(work / "ckpt.pth"))
+    loader = image_folder(train, make_transform(preprocessing(source)), 32, shuffle=True, seed=0)
+    proxy = list(islice(iter(loader), 8))
+    an = vitgraph.analyze(model, x)
+    scores = vitgraph.score(model, an, "hessian", data=proxy)
+    table = LatencyTable("ort-cpu", batch=1)
+    dense_flops = count_flops(model, (x,))
+    calibrated = []
+    for _ in range(repeats):
+        hist: list = []
+        plan = plan_to_target(an, scores, target="latency", fraction=0.5, round_to=8, latency_table=table,
+                              calibrate=True, history=hist)
+        slim = vitgraph.compress(model, plan, an)
+        calibrated.append({"chosen_flops": count_flops(slim, (x,)) / dense_flops,
+                           "rounds": [{k: round(v, 3) for k, v in h.items() if k in ("planned_fraction", "predicted",
+                                                                                     "achieved")} for h in hist]})
+    floor = None
+    try:
+        plan_to_target(an, scores, target="latency", fraction=0.05, round_to=8, latency_table=table)
+    except PlanError as e:
+        floor = str(e)
+    curve = {}
+    with tempfile.TemporaryDirectory() as d:
+        export_onnx(model, Path(d) / "dense.onnx", (x,), check=False)
+        fns = {"dense": ort_runner(Path(d) / "dense.onnx", x)}
+        flops = {}
+        for f in (0.5, 0.6, 0.7, 0.8, 0.9):
+            plan = plan_to_target(an, scores, target="latency", fraction=f, round_to=8, latency_table=table)
+            slim = vitgraph.compress(model, plan, an)
+            export_onnx(slim, Path(d) / f"p{f}.onnx", (x,), check=False)
+            fns[f] = ort_runner(Path(d) / f"p{f}.onnx", x)
+            flops[f] = count_flops(slim, (x,)) / dense_flops
+        meas = {f: [] for f in flops}
+        for _ in range(3):
+            st = measure_latency(fns, reps=200, rounds=10)
+            for f in flops:
+                meas[f].append(st[f].median_ms / st["dense"].median_ms)
+        for f in flops:
+            curve[f] = {"flops": round(flops[f], 3), "measured": [round(v, 3) for v in meas[f]]}
+    return {"calibrated": calibrated, "floor": floor, "curve": curve}
+
+
 def has_schedule() -> bool:
     res = subprocess.run([str(BIN / "vitgraph"), "prune", "--help"], capture_output=True, text=True)
     return "--schedule" in res.stdout
@@ -357,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-runs", type=int, default=3, help="runs of the latency:0.5 command")
     ap.add_argument("--latency-times", type=int, default=5, help="interleaved latency measurements of each run")
     ap.add_argument("--latency-reps", type=int, default=200, help="calls per candidate per round (10 rounds)")
+    ap.add_argument("--no-latency-diagnosis", dest="latency_diagnosis", action="store_false",
+                    help="skip re-running the latency calibration with its round history")
     ap.add_argument("--iterative", choices=["auto", "yes", "no"], default="auto",
                     help="the --schedule iterative --steps 3 row (auto: when vitgraph prune --help shows --schedule)")
     ap.add_argument("--name", default="prune_pipeline")
@@ -427,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
         st = reports[row]["stages"]
         latency.append({"row": row, "fractions": fracs, "median": statistics.median(fracs), "min": min(fracs),
                         "max": max(fracs), "own": st["fine-tuned"]["latency_ms"] / st["dense"]["latency_ms"]})
+    diagnosis = latency_diagnosis(work, train) if latency and a.latency_diagnosis else None
+    if diagnosis is not None:
+        print(f"  latency diagnosis: {json.dumps(diagnosis)}", flush=True)
     total = time.perf_counter() - t_start
 
     # the table
@@ -528,6 +592,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"{a.latency_reps} calls x 10 rounds interleaved each): "
                   + "; ".join(f"run {i + 1}: " + ", ".join(f"{f:.3f}" for f in lat["fractions"])
                               for i, lat in enumerate(latency)) + ".", ""]
+    if diagnosis is not None:
+        notes += ["Latency diagnosis (the command's hessian scores, in this process): the latency table's own "
+                  f"floor: {diagnosis['floor']}. `plan_to_target(..., target='latency', fraction=0.5, "
+                  "calibrate=True)` as the command calls it (each round: planned fraction, table's prediction, "
+                  "measured fraction by `measure_fraction`'s defaults, 5 calls x 5 rounds):", "", "```"]
+        notes += [f"calibration {i + 1}: chosen plan at FLOPs {c['chosen_flops']:.3f}; rounds {json.dumps(c['rounds'])}"
+                  for i, c in enumerate(diagnosis["calibrated"])]
+        notes += ["```", "", "Plans from the latency table alone (no calibration), each timed against the dense "
+                  "model 3 times (200 calls x 10 rounds interleaved):", "", "```"]
+        notes += [f"planned {f}: FLOPs {c['flops']}, measured latency fraction {c['measured']}"
+                  for f, c in diagnosis["curve"].items()]
+        notes += ["```", ""]
     notes += ["Fresh-process figures per run:", "", "```"]
     notes += [f"{row:<28} {json.dumps({k: v for k, v in ck.items() if k != 'guard'})}" for row, ck in checks.items()]
     notes += ["```", "", "Guard: " + "; ".join(next(iter(checks.values()))["guard"])]
