@@ -123,6 +123,7 @@ RANK_KINDS = ("qk", "v", "ffn")
 UNIT = {"residual": 8, "head": 1, "qk": 4, "v": 4, "ffn": 16}
 VG = ("magnitude", "random", "hessian-fisher", "hessian-hvp", "hessian-batch", "kl-approx", "kl-exact", "threshold")
 TP = ("tp-magnitude", "tp-taylor", "tp-hessian")
+ITER = ("hessian-fisher-iter4", "kl-approx-iter4")  # ranking only, largest proxy: re-scored in 4 rounds
 NO_DATA = ("magnitude", "random", "tp-magnitude")
 
 
@@ -147,6 +148,20 @@ def vg_scores(method: str, model, an, px, py, fraction: float, a, seed: int):
         return vitgraph.score(model, an, "threshold", data=EpochLoader(px, py, 64, seed=seed), target=1 - fraction,
                               budget="flops", steps=a.threshold_steps, log_every=0)
     raise ValueError(method)
+
+
+def iterative_ranking_plan(method: str, dense, an, px, py, fraction: float, a, seed: int, rounds: int = 4) -> vitgraph.Plan:
+    """NViT's progressive schedule without training: round k removes ``fraction * k / rounds`` of
+    every q/k, v and FFN group by scores of the model with the earlier rounds' units zeroed
+    (``vitgraph.mask``); removed units score 0, so they stay removed."""
+    plan = vitgraph.Plan.keep_all(an)
+    base = method.rsplit("-", 1)[0]
+    for k in range(1, rounds + 1):
+        m = dense if k == 1 else vitgraph.mask(dense, plan, an)
+        an_k = an if k == 1 else vitgraph.analyze(m, px[:1])
+        s = vg_scores(base, m, an_k, px, py, fraction, a, seed)
+        plan = vitgraph.Plan.from_scores(an, dict(s), ratio=fraction * k / rounds, kinds=RANK_KINDS)
+    return plan
 
 
 def ranking_plan(an, scores, method: str, fraction: float, seed: int) -> vitgraph.Plan:
@@ -300,7 +315,10 @@ def run_dataset_seed(name: str, seed: int, a, store: "Store") -> None:
                 continue  # needs no data: once
             if method == "kl-exact" and proxy > a.exact_max_proxy:
                 continue
+            if method in ITER and proxy != proxies[-1]:
+                continue
             protocols = [p for p in a.protocols if not (method in TP and p == "ranking")
+                         and not (method in ITER and p == "allocation")
                          and not (method == "hessian-batch" and p == "allocation")]
             cache_scores = None
             tp_pruner = None
@@ -317,6 +335,8 @@ def run_dataset_seed(name: str, seed: int, a, store: "Store") -> None:
                     if tp_pruner is None:
                         tp_pruner = TorchPruning(dense, method.split("-")[1], px, py, x1)
                     scores = None
+                elif method in ITER:
+                    scores = None
                 elif method == "threshold" or cache_scores is None:
                     scores = cache_scores = vg_scores(method, dense, an, px, py, fraction, a, seed)
                 else:
@@ -326,6 +346,11 @@ def run_dataset_seed(name: str, seed: int, a, store: "Store") -> None:
                     models = {}
                     if method in TP:
                         models[method] = tp_pruner.at_flops(1 - fraction, dense_flops)[0]
+                    elif method in ITER:
+                        t1 = time.perf_counter()
+                        models[method] = vitgraph.compress(
+                            dense, iterative_ranking_plan(method, dense, an, px, py, fraction, a, seed), an)
+                        score_s = time.perf_counter() - t1
                     elif protocol == "ranking":
                         models[method] = vitgraph.compress(dense, ranking_plan(an, scores, method, fraction, seed), an)
                     else:
@@ -405,7 +430,7 @@ def tables(rows: list[dict], datasets, fractions) -> dict[tuple[str, str], list[
                 continue
             table = [{"criterion": "dense", "proxy": "-", **{f"{int(f * 100)}% {w}": _stat(dense)
                                                              for f in fractions for w in ("before", "after")}}]
-            order = {c: i for i, c in enumerate(VG + ("threshold-widths",) + TP)}
+            order = {c: i for i, c in enumerate(VG + ITER + ("threshold-widths",) + TP)}
             combos = sorted({(r["criterion"], r["proxy"]) for r in sel}, key=lambda c: (order.get(c[0], 99), c[1]))
             for crit, proxy in combos:
                 row = {"criterion": crit, "proxy": proxy or "-"}
@@ -440,7 +465,7 @@ def checks(rows: list[dict], datasets) -> list[str]:
             if not mag:
                 continue
             m = statistics.mean(r["before"] for r in mag)
-            for crit in ("hessian-fisher", "hessian-hvp", "hessian-batch", "kl-approx", "kl-exact"):
+            for crit in ("hessian-fisher", "hessian-hvp", "hessian-batch", "kl-approx", "kl-exact") + ITER:
                 for proxy in proxies:
                     sel = cell(name, "ranking", crit, f, proxy)
                     if not sel:
@@ -535,7 +560,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--proxy", default="128,512,2048")
     ap.add_argument("--fractions", default="0.3,0.5,0.7", help="fractions removed")
-    ap.add_argument("--criteria", default=",".join(VG + TP))
+    ap.add_argument("--criteria", default=",".join(VG + TP),
+                    help=f"comma list of {VG + TP + ITER} (the last two: ranking only, re-scored in 4 rounds)")
     ap.add_argument("--protocols", default="ranking,allocation")
     ap.add_argument("--exact-max-proxy", type=int, default=128, help="largest proxy set kl-exact runs on")
     ap.add_argument("--threshold-steps", type=int, default=100)
