@@ -393,8 +393,8 @@ def latency_diagnosis(work: Path, train: Path, repeats: int = 2) -> dict:
     import vitgraph.targets as targets
 
     short = targets.measure_fraction
-    targets.measure_fraction = lambda m, s, t, shape, reps=5, rounds=5, cache=None: short(m, s, t, shape, reps=200,
-                                                                                          rounds=10, cache=cache)
+    targets.measure_fraction = lambda m, s, t, shape, reps=5, rounds=5, cache=None, seconds=None: short(
+        m, s, t, shape, reps=200, rounds=10, cache=cache)
     try:
         hist = []
         plan = plan_to_target(an, scores, target="latency", fraction=0.5, round_to=8, latency_table=table,

@@ -223,3 +223,40 @@ def test_compressed_onnx_matches_same_width_dense_graph(setup, tmp_path):
         hist[name] = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / f"{name}.onnx")).graph.node
                                          if n.op_type not in _SHAPE_PLUMBING)
     assert hist["slim"] == hist["same"]
+
+
+def test_latency_calibration_referees_its_closest_plans(setup, monkeypatch):
+    """On a machine whose single measurements are noisy, the closed loop returns the plan that the
+    joint, longer referee run measures closest to the target (a synthetic machine: latency is
+    0.2 + 0.8 x the FLOPs fraction, and each calibration round is off by +-0.06 in turn)."""
+    from types import SimpleNamespace
+
+    import vitgraph.targets as targets
+
+    model, x, an = setup
+    dense_flops = count_flops(model, (x,))
+
+    def true_ratio(m):
+        return 0.2 + 0.8 * count_flops(m, (x,)) / dense_flops
+
+    calls = []
+
+    def fake_measure_many(model_, slims, table, shape, reps=5, rounds=5, cache=None, seconds=None):
+        calls.append((len(slims), seconds))
+        noise = 0.06 * (-1) ** len(calls) if len(slims) == 1 else 0.0
+        stats = {"dense": SimpleNamespace(median_ms=1.0)}
+        stats.update({k: SimpleNamespace(median_ms=true_ratio(m) + noise) for k, m in slims.items()})
+        return stats
+
+    monkeypatch.setattr(targets, "measure_many", fake_measure_many)
+    hist: list = []
+    plan = targets.plan_to_target(an, target="latency", fraction=0.5, latency_table=FlopTable(), kinds=KINDS,
+                                  calibrate=True, calibrate_rounds=4, history=hist)
+    rounds = [h for h in hist if h["round"] != "referee"]
+    referee = hist[-1]
+    assert referee["round"] == "referee" and len(referee["candidates"]) >= 2
+    assert all(n == 1 and s and s > 0 for n, s in calls[:len(rounds)])  # every round timed for a while
+    # the chosen plan is the candidate the referee measured closest, by its true latency
+    chosen = true_ratio(vitgraph.compress(model, plan, an))
+    assert chosen == pytest.approx(referee["achieved"])
+    assert abs(chosen - 0.5) == pytest.approx(min(abs(c["achieved"] - 0.5) for c in referee["candidates"]))

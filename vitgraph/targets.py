@@ -66,12 +66,24 @@ def plan_to_target(
 
 def measure_fraction(
     model: nn.Module, slim: nn.Module, table: "LatencyTable", input_shape: Sequence[int],
-    reps: int = 5, rounds: int = 5, cache: Optional[dict] = None,
+    reps: int = 5, rounds: int = 5, cache: Optional[dict] = None, seconds: Optional[float] = None,
 ) -> tuple[float, float, float]:
     """(slim / dense latency, dense ms, slim ms): medians of interleaved runs on the table's runtime.
 
-    ``cache`` (a dict kept by the caller) holds the dense model's runner between calls.
+    ``cache`` (a dict kept by the caller) holds the dense model's runner between calls.  With
+    ``seconds``, each model is timed for about that long in all (at least ``reps`` calls a
+    round), so a sub-millisecond model gets as many calls as its median needs.
     """
+    stats = measure_many(model, {"slim": slim}, table, input_shape, reps, rounds, cache, seconds)
+    return stats["slim"].median_ms / stats["dense"].median_ms, stats["dense"].median_ms, stats["slim"].median_ms
+
+
+def measure_many(
+    model: nn.Module, slims: Mapping[str, nn.Module], table: "LatencyTable", input_shape: Sequence[int],
+    reps: int = 5, rounds: int = 5, cache: Optional[dict] = None, seconds: Optional[float] = None,
+) -> dict[str, Any]:
+    """Latency stats of the dense model (``"dense"``) and every ``slims`` entry, timed interleaved in one
+    run on the table's runtime (so their ratios share the machine's state); options as :func:`measure_fraction`."""
     from vitgraph.deploy.measure import measure_latency, ort_runner, torch_runner
     from vitgraph.deploy.export import export_onnx
 
@@ -85,18 +97,34 @@ def measure_fraction(
         xd = x.to(dev)
         if "dense" not in cache:
             cache["dense"] = torch_runner(model.to(dev).eval(), xd)
-        fns = {"dense": cache["dense"], "slim": torch_runner(slim.to(dev).eval(), xd)}
+        fns = {"dense": cache["dense"], **{k: torch_runner(m.to(dev).eval(), xd) for k, m in slims.items()}}
     else:
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
-        with tempfile.TemporaryDirectory() as d:
+        with tempfile.TemporaryDirectory() as d:  # a session keeps its model once built
             if "dense" not in cache:
                 export_onnx(model, Path(d) / "dense.onnx", (x[:1],), check=False)
                 cache["dense"] = ort_runner(Path(d) / "dense.onnx", x, providers=providers, threads=table.threads)
-            export_onnx(slim, Path(d) / "slim.onnx", (x[:1],), check=False)
-            fns = {"dense": cache["dense"],
-                   "slim": ort_runner(Path(d) / "slim.onnx", x, providers=providers, threads=table.threads)}
-    stats = measure_latency(fns, warmup=2, reps=reps, rounds=rounds)
-    return stats["slim"].median_ms / stats["dense"].median_ms, stats["dense"].median_ms, stats["slim"].median_ms
+            fns = {"dense": cache["dense"]}
+            for k, m in slims.items():
+                export_onnx(m, Path(d) / f"{k}.onnx", (x[:1],), check=False)
+                fns[k] = ort_runner(Path(d) / f"{k}.onnx", x, providers=providers, threads=table.threads)
+    if seconds:
+        reps = max(reps, _reps_for(fns, seconds / rounds))
+    return measure_latency(fns, warmup=2, reps=reps, rounds=rounds)
+
+
+def _reps_for(fns: Mapping[str, Any], seconds: float, cap: int = 5000) -> int:
+    """Calls per round so that the slowest callable is timed for about ``seconds`` a round."""
+    import time
+
+    slowest = 0.0
+    for fn in fns.values():
+        fn()  # warm
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fn()
+        slowest = max(slowest, (time.perf_counter() - t0) / 3)
+    return max(1, min(cap, int(seconds / max(slowest, 1e-6))))
 
 
 def _next_fraction(tried: list, fraction: float) -> float:
@@ -115,14 +143,21 @@ def _next_fraction(tried: list, fraction: float) -> float:
 
 
 def _calibrated(analysis: "Analysis", fraction: float, args: dict, rounds: int, tol: float,
-                history: Optional[list]) -> Plan:
+                history: Optional[list], seconds: float = 1.0, finalists: int = 3) -> Plan:
+    """Secant steps on measured latency, then one referee run over the closest plans.
+
+    Each round times the dense and the compressed model for about ``seconds`` each.  Single
+    measurements on a loaded machine carry several percent of noise, so the ``finalists`` plans
+    measured closest to the target are timed again together with the dense model, interleaved,
+    for twice as long, and the one that measures closest there is returned.
+    """
     model = analysis.model
     if model is None:
         raise PlanError("calibrate=True needs the analysed model alive (keep a reference to it)")
     table = args["table"]
-    tried: list[tuple[float, float, Plan]] = []  # (planning fraction, measured fraction, plan)
+    shape = analysis.input_shapes[0]
+    tried: list[tuple[float, float, Plan, nn.Module]] = []  # (planning fraction, measured fraction, plan, slim)
     f = fraction
-    best: Optional[tuple[float, Plan]] = None
     cache: dict = {}
     for i in range(max(1, rounds)):
         try:
@@ -132,17 +167,31 @@ def _calibrated(analysis: "Analysis", fraction: float, args: dict, rounds: int, 
                 raise
             break
         slim = compress(model, plan, analysis)
-        achieved, dense_ms, slim_ms = measure_fraction(model, slim, table, analysis.input_shapes[0], cache=cache)
+        achieved, dense_ms, slim_ms = measure_fraction(model, slim, table, shape, cache=cache, seconds=seconds)
         if history is not None:
             history.append({"round": i, "planned_fraction": f, "predicted": cost / dense, "achieved": achieved,
                             "dense_ms": dense_ms, "slim_ms": slim_ms, "widths": widths})
-        err = abs(achieved - fraction)
-        if best is None or err < best[0]:
-            best = (err, plan)
-        if err <= tol * fraction:
+        tried.append((f, achieved, plan, slim))
+        if abs(achieved - fraction) <= tol * fraction:
             break
-        tried.append((f, achieved, plan))
-        f = _next_fraction(tried, fraction)
+        f = _next_fraction([t[:2] for t in tried], fraction)
         if any(abs(f - t[0]) < 1e-4 for t in tried):
             break
-    return best[1]  # type: ignore[index]  (the first round always sets it)
+    close = sorted(tried, key=lambda t: abs(t[1] - fraction))
+    unique: list = []
+    for t in close:  # distinct plans only (two planning fractions can round to one plan)
+        if all(t[2].kept != u[2].kept for u in unique):
+            unique.append(t)
+    unique = unique[:max(1, finalists)]
+    if len(unique) == 1:
+        return unique[0][2]
+    stats = measure_many(model, {str(j): t[3] for j, t in enumerate(unique)}, table, shape, cache=cache,
+                         rounds=7, seconds=2 * seconds * 7 / 5)
+    ratios = [stats[str(j)].median_ms / stats["dense"].median_ms for j in range(len(unique))]
+    j = min(range(len(unique)), key=lambda k: abs(ratios[k] - fraction))
+    if history is not None:
+        history.append({"round": "referee", "planned_fraction": unique[j][0], "achieved": ratios[j],
+                        "candidates": [{"planned_fraction": t[0], "achieved_before": t[1], "achieved": r}
+                                       for t, r in zip(unique, ratios)],
+                        "dense_ms": stats["dense"].median_ms})
+    return unique[j][2]
