@@ -244,8 +244,9 @@ def prune(
     there (:class:`~vitgraph.journal.Journal`); ``resume=True`` continues an interrupted run from
     its last finished step (the same arguments and data are needed).  ``int8`` (with ``out``)
     also writes ``model.int8.onnx``: onnxruntime static quantization (QDQ, per-channel int8
-    MatMul/Gemm/Conv weights and int8 activations) calibrated on the scoring batches, with its
-    top-1 and its onnxruntime CPU latency beside the fp32 file's.  The dense model is not changed.
+    MatMul/Gemm/Conv weights, uint8 activations, attention's q@k^T and attn@v left float)
+    calibrated on the scoring batches, with its top-1 and its onnxruntime CPU latency beside the
+    fp32 file's.  The dense model is not changed.
     """
     from vitgraph.distributed import rank
     from vitgraph.journal import Journal
