@@ -441,8 +441,8 @@ def tables(rows: list[dict], datasets, fractions) -> dict[tuple[str, str], list[
                 if protocol == "allocation":
                     fl = [r["flops"] for r in sel if r["criterion"] == crit and r["proxy"] == proxy]
                     row["FLOPs kept"] = f"{min(fl):.3f}-{max(fl):.3f}"
-                sec = [r["score_s"] for r in sel if r["criterion"] == crit and r["proxy"] == proxy]
-                row["score s"] = f"{max(sec):.1f}"
+                sec = [r["score_s"] for r in sel if r["criterion"] == crit and r["proxy"] == proxy and r["score_s"] > 0]
+                row["score s"] = f"{statistics.median(sec):.1f}" if sec else "0.0"
                 table.append(row)
             out[name, protocol] = table
     return out
@@ -543,7 +543,7 @@ def write_report(rows: list[dict], a, seconds: float, command: str) -> Path:
         "includes that training). Fine-tune: "
         f"{a.ft_steps} steps of batch 64 (AdamW lr {a.ft_lr}, cosine), CE + 0.2 KL from the dense model, run for "
         "the largest proxy set and the criteria that take no data, on every allocation plan and on the ranking "
-        f"plans at {a.ft_ranking_fractions} removed. 'score s': seconds to score, the largest over seeds and fractions (Torch-Pruning: gradient "
+        f"plans at {a.ft_ranking_fractions} removed. 'score s': wall seconds to score, median over the runs that scored (Torch-Pruning: gradient "
         "accumulation; its Hessian loops over the last proxy batch only, which gives 1.6.0's importance exactly, "
         "see above).\n\n"
         "## Done-when checks (computed from the rows)\n\n" + "\n".join(checks(rows, datasets)) + "\n\n"
