@@ -58,3 +58,23 @@ def write_image_folder(root, n: int, seed: int) -> None:
         for i in range(n):
             img = np.clip(rng.normal(level, 40, (20, 20, 3)), 0, 255).astype(np.uint8)
             Image.fromarray(img).save(root / str(c) / f"{i}.png")
+
+
+def score_setup(batches: int = 4, bs: int = 8):
+    """A tiny ViT, its analysis and a fixed list of labelled batches (same on every process)."""
+    model = tiny_vit(depth=2, embed_dim=24, num_heads=2, mlp_ratio=2.0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batches * bs, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (batches * bs,), generator=g)
+    an = vitgraph.analyze(model, x[:1])
+    data = [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
+    return model, an, data
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Tiny two-class image folders: (train with 8 images a class, val with 4)."""
+    root = tmp_path_factory.mktemp("images")
+    write_image_folder(root / "train", 8, 0)
+    write_image_folder(root / "val", 4, 1)
+    return root / "train", root / "val"

@@ -10,7 +10,7 @@ from vitgraph.distributed import init_from_env, rank, shutdown
 from vitgraph.passes.recovery import finetune
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from test_scores import score_setup  # noqa: E402
+from conftest import score_setup  # noqa: E402
 
 
 def main(out: str) -> None:

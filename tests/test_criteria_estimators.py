@@ -7,22 +7,12 @@ import torch.nn.functional as F
 
 import vitgraph
 from vitgraph.passes.scoring_common import spearman
-
-
-def _setup(batches: int = 2, bs: int = 8):
-    from conftest import tiny_vit
-
-    model = tiny_vit(depth=2, embed_dim=24, num_heads=2, mlp_ratio=2.0)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batches * bs, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (batches * bs,), generator=g)
-    an = vitgraph.analyze(model, x[:1])
-    return model, an, [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
+from conftest import score_setup
 
 
 @pytest.fixture(scope="module")
 def setup():
-    return _setup()
+    return score_setup(batches=2)
 
 
 def _ffn_gate_grad(model, x, y, block: int = 1) -> torch.Tensor:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vitgraph
-from conftest import random_plan, rel_err, write_image_folder
+from conftest import random_plan, rel_err
 from vitgraph.cli import main
 from vitgraph.models import load_model_and_source
 
@@ -49,14 +49,6 @@ FRESH = textwrap.dedent("""
     print(json.dumps({"onnx_diff": float(np.abs(y - z).max()),
                       "flops": count_flops(m, (x[:1],)) / count_flops(dense, (x[:1],))}))
 """)
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    write_image_folder(root / "train", 8, 0)
-    write_image_folder(root / "val", 4, 1)
-    return root / "train", root / "val"
 
 
 def _prune_argv(ckpt, train, val, out, epochs: str) -> list[str]:

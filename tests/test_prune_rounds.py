@@ -9,7 +9,7 @@ import torch
 
 import vitgraph
 import vitgraph.passes.recovery as recovery
-from conftest import rel_err, write_image_folder
+from conftest import rel_err
 from vitgraph.data import image_folder, make_transform, preprocessing
 from vitgraph.errors import VitgraphError
 from vitgraph.journal import STATE_DIR
@@ -19,14 +19,6 @@ from vitgraph.prune import round_fractions
 score_module = importlib.import_module("vitgraph.score")  # (vitgraph.score is also the function)
 MODEL = "vit_tiny_patch16_224"
 KWARGS = {"img_size": 16, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2, "num_classes": 2}
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    write_image_folder(root / "train", 8, 0)
-    write_image_folder(root / "val", 4, 1)
-    return root / "train", root / "val"
 
 
 def _run(folders, out, **kw):

@@ -15,21 +15,9 @@ import vitgraph
 from vitgraph.passes.gates import GateSet
 from vitgraph.passes.recovery import MaskKeeper, distill_loss, finetune
 from vitgraph.passes.scoring_common import spearman
+from conftest import score_setup
 
 HERE = Path(__file__).resolve().parent
-
-
-def score_setup(batches: int = 4, bs: int = 8):
-    """A tiny ViT, its analysis and a fixed list of labelled batches (same on every process)."""
-    from conftest import tiny_vit
-
-    model = tiny_vit(depth=2, embed_dim=24, num_heads=2, mlp_ratio=2.0)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(batches * bs, 3, 32, 32, generator=g)
-    y = torch.randint(0, 10, (batches * bs,), generator=g)
-    an = vitgraph.analyze(model, x[:1])
-    data = [(x[i:i + bs], y[i:i + bs]) for i in range(0, len(x), bs)]
-    return model, an, data
 
 
 @pytest.fixture(scope="module")

@@ -248,6 +248,8 @@ def prune(
     calibrated on the scoring batches, with its top-1 and its onnxruntime CPU latency beside the
     fp32 file's.  The dense model is not changed.
     """
+    from vitgraph import artifact
+    from vitgraph.api import compress
     from vitgraph.distributed import rank
     from vitgraph.journal import Journal
 
@@ -316,12 +318,8 @@ def prune(
     pruned_top1 = dense_top1
     for k, goal in enumerate(rounds, start=1):
         if plan is not None and chain is not None:
-            from vitgraph import artifact
-
             chain = artifact.nested(chain, plan)  # the next round prunes the last round's architecture
-        an, plan = run.plan_round(k, current, goal, rounds[k - 2] if k > 1 else 1.0, fraction)
-        from vitgraph.api import compress
-
+        an, plan = run.plan_round(k, current, goal, rounds[k - 2] if k > 1 else 1.0)
         slim = compress(current, plan, an).eval()
         pruned_top1 = journal.run(f"round{k}.pruned", lambda: {"top1": top1(slim, f"pruned top-1 ({k}/{steps})")})["top1"]
         round_log.append({"round": k, "goal": goal, "flops": _flops(slim, x), "top1": pruned_top1})
@@ -363,7 +361,7 @@ class _Run:
         self.dense_cost = (0, 0)
         self.dense_groups: list = []
 
-    def plan_round(self, k: int, current: nn.Module, goal: float, last_goal: float, fraction: float) -> tuple[Any, Any]:
+    def plan_round(self, k: int, current: nn.Module, goal: float, last_goal: float) -> tuple[Any, Any]:
         """Round ``k``'s analysis of ``current`` and its plan toward ``goal`` of the dense cost."""
         from vitgraph.analysis.engine import analyze
         from vitgraph.planning.plan import Plan
