@@ -121,7 +121,8 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int =
 # -- criteria -------------------------------------------------------------------------------------
 RANK_KINDS = ("qk", "v", "ffn")
 UNIT = {"residual": 8, "head": 1, "qk": 4, "v": 4, "ffn": 16}
-VG = ("magnitude", "random", "hessian-fisher", "hessian-hvp", "hessian-batch", "kl-approx", "kl-exact", "threshold")
+VG = ("magnitude", "random", "hessian-fisher", "hessian-diag", "hessian-hvp", "hessian-batch", "kl-approx", "kl-diag",
+      "kl-exact", "threshold")
 TP = ("tp-magnitude", "tp-taylor", "tp-hessian")
 ITER = ("hessian-fisher-iter4", "kl-approx-iter4")  # ranking only, largest proxy: re-scored in 4 rounds
 NO_DATA = ("magnitude", "random", "tp-magnitude")
@@ -135,11 +136,15 @@ def vg_scores(method: str, model, an, px, py, fraction: float, a, seed: int):
     if method == "random":
         g = torch.Generator().manual_seed(10_000 + seed)
         return {k: torch.rand(v.shape, generator=g) for k, v in vitgraph.score(model, an, "magnitude").items()}
+    if method == "hessian-diag":  # the per-example Fisher's diagonal alone (the default before joint ranking)
+        return vitgraph.score(model, an, "hessian", data=data, mode="fisher", joint=False)
     if method.startswith("hessian-"):
         return vitgraph.score(model, an, "hessian", data=data, mode=method.split("-")[1])
-    if method == "kl-approx":
+    if method == "kl-approx":  # the library's defaults: every class's term, joint ranking
+        return vitgraph.score(model, an, "kl", data=batches(px, None, 64), mode="approx", chunk=64)
+    if method == "kl-diag":  # the diagonal alone, a.kl_samples label draws per image (the form before joint ranking)
         return vitgraph.score(model, an, "kl", data=batches(px, None, 64), mode="approx", chunk=64,
-                              samples=a.kl_samples, max_exact_classes=0)
+                              samples=a.kl_samples, max_exact_classes=0, joint=False)
     if method == "kl-exact":
         return vitgraph.score(model, an, "kl", data=batches(px, None, 64), mode="exact", chunk=64)
     if method == "threshold":
@@ -278,15 +283,16 @@ class TorchPruning:
 
 
 # -- the protocol ---------------------------------------------------------------------------------
-def finetune_copy(slim, dense, xtr, ytr, a, seed: int):
-    """A fine-tuned copy: ``a.ft_steps`` steps of batch 64, CE + 0.2 KL from the dense model (UP-ViT)."""
+def finetune_copy(slim, dense, xtr, ytr, a, seed: int, long: bool = False):
+    """A fine-tuned copy: ``a.ft_steps`` steps of batch 64, CE + 0.2 KL from the dense model (UP-ViT);
+    ``long``: ``a.long_ft_steps`` steps with NViT's loss (CE + KL distillation at tau 20)."""
     from vitgraph.data import EpochLoader
     from vitgraph.passes.recovery import finetune
 
     m = copy.deepcopy(slim)
     torch.manual_seed(seed)
-    finetune(m, EpochLoader(xtr, ytr, 64, seed=7 + seed), teacher=dense, loss="upvit", alpha=0.2, lr=a.ft_lr,
-             max_steps=a.ft_steps, log_every=0)
+    finetune(m, EpochLoader(xtr, ytr, 64, seed=7 + seed), teacher=dense, loss="nvit" if long else "upvit", alpha=0.2,
+             lr=a.ft_lr, max_steps=a.long_ft_steps if long else a.ft_steps, log_every=0)
     return m.eval()
 
 
@@ -320,11 +326,14 @@ def run_dataset_seed(name: str, seed: int, a, store: "Store") -> None:
             protocols = [p for p in a.protocols if not (method in TP and p == "ranking")
                          and not (method in ITER and p == "allocation")
                          and not (method == "hessian-batch" and p == "allocation")]
+            if method in a.long_ft_criteria and "allocation" in protocols:
+                protocols.append("allocation-long-ft")
             cache_scores = None
             tp_pruner = None
             for fraction in a.fractions:
                 todo = [p for p in protocols if not store.has(protocol=p, fraction=fraction, proxy=n,
-                                                              criterion=method, **base)]
+                                                              criterion=method, **base)
+                        and not (p == "allocation-long-ft" and (fraction != 0.5 or (proxy != ft_proxy and method not in NO_DATA)))]
                 if method == "threshold" and "allocation" in protocols and not store.has(
                         protocol="allocation", fraction=fraction, proxy=n, criterion="threshold-widths", **base):
                     todo = sorted(set(todo) | {"allocation"})
@@ -355,7 +364,7 @@ def run_dataset_seed(name: str, seed: int, a, store: "Store") -> None:
                         models[method] = vitgraph.compress(dense, ranking_plan(an, scores, method, fraction, seed), an)
                     else:
                         models[method] = vitgraph.compress(dense, allocation_plan(an, scores, fraction, a.normalize), an)
-                        if method == "threshold":
+                        if method == "threshold" and protocol == "allocation":
                             models["threshold-widths"] = vitgraph.compress(
                                 dense, vitgraph.Plan.from_scores(an, scores, ratio=None), an)
                     for crit, slim in models.items():
@@ -364,7 +373,9 @@ def run_dataset_seed(name: str, seed: int, a, store: "Store") -> None:
                         before = accuracy(slim, xte, yte)
                         after = None
                         tune = protocol == "allocation" or fraction in a.ft_ranking_fractions
-                        if a.ft_steps and tune and (proxy == ft_proxy or method in NO_DATA):
+                        if protocol == "allocation-long-ft":
+                            after = accuracy(finetune_copy(slim, dense, xtr, ytr, a, seed, long=True), xte, yte)
+                        elif a.ft_steps and tune and (proxy == ft_proxy or method in NO_DATA):
                             after = accuracy(finetune_copy(slim, dense, xtr, ytr, a, seed), xte, yte)
                         store.add(protocol=protocol, fraction=fraction, proxy=0 if method in NO_DATA else n,
                                   criterion=crit, before=before, after=after,
@@ -424,7 +435,7 @@ def tables(rows: list[dict], datasets, fractions) -> dict[tuple[str, str], list[
     for name in datasets:
         mine = [r for r in rows if r["dataset"] == name]
         dense = [r["before"] for r in mine if r["protocol"] == "dense"]
-        for protocol in ("ranking", "allocation"):
+        for protocol in ("ranking", "allocation", "allocation-long-ft"):
             sel = [r for r in mine if r["protocol"] == protocol]
             if not sel:
                 continue
@@ -465,7 +476,8 @@ def checks(rows: list[dict], datasets) -> list[str]:
             if not mag:
                 continue
             m = statistics.mean(r["before"] for r in mag)
-            for crit in ("hessian-fisher", "hessian-hvp", "hessian-batch", "kl-approx", "kl-exact") + ITER:
+            for crit in ("hessian-fisher", "hessian-diag", "hessian-hvp", "hessian-batch", "kl-approx", "kl-diag",
+                         "kl-exact") + ITER:
                 for proxy in proxies:
                     sel = cell(name, "ranking", crit, f, proxy)
                     if not sel:
@@ -501,6 +513,11 @@ def checks(rows: list[dict], datasets) -> list[str]:
                 best_ft = max(ftd, key=lambda c: mean(ftd[c], "after"))
                 lines.append(f"  best vitgraph criterion after the fine-tune: {best_ft[0]} (proxy {best_ft[1] or '-'}) "
                              f"{100 * mean(ftd[best_ft], 'after'):.1f} ({100 * (mean(ftd[best_ft], 'after') - dense):+.1f} points)")
+            longft = [r for r in rows if r["dataset"] == name and r["protocol"] == "allocation-long-ft"]
+            for crit in sorted({r["criterion"] for r in longft}):
+                rs = [r for r in longft if r["criterion"] == crit]
+                lines.append(f"  after the longer fine-tune: {crit} {100 * mean(rs, 'after'):.1f} vs dense {100 * dense:.1f} "
+                             f"({100 * (mean(rs, 'after') - dense):+.1f} points, seeds {sorted(r['seed'] for r in rs)})")
     return lines
 
 
@@ -570,6 +587,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ft-ranking-fractions", default="0.5",
                     help="fractions whose ranking-protocol models are fine-tuned too (allocation: all)")
     ap.add_argument("--ft-lr", type=float, default=5e-4)
+    ap.add_argument("--long-ft-steps", type=int, default=400,
+                    help="steps of the longer fine-tune (NViT's loss) of the 50%%-FLOPs allocation plans")
+    ap.add_argument("--long-ft-criteria", default="kl-approx,hessian-fisher,tp-magnitude",
+                    help="criteria whose 50%%-FLOPs allocation plan gets the longer fine-tune too")
     ap.add_argument("--ft-proxy", type=int, help="proxy size whose plans are fine-tuned (default: the largest)")
     ap.add_argument("--test-limit", type=int, default=2000)
     ap.add_argument("--normalize", type=int, default=0, help="plan_to_target's normalize for the allocation plans")
@@ -586,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     a.criteria = a.criteria.split(",")
     a.protocols = a.protocols.split(",")
     a.ft_ranking_fractions = [float(f) for f in a.ft_ranking_fractions.split(",") if f]
+    a.long_ft_criteria = [c for c in a.long_ft_criteria.split(",") if c]
     a.normalize = bool(a.normalize)
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")

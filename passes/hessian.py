@@ -8,6 +8,12 @@ second-order saliency are offered:
   ``c_{S,i} = dL_i/dg_S = sum_{w in S} w * dL_i/dw``, divided by the group kind's factor, squared
   and summed over examples: ``I_S = sum_i c_{S,i}^2``.  Per-example gradients come from
   ``torch.func.vmap(grad)`` over ``chunk`` examples at a time (one batched forward and backward).
+  With ``joint`` (the default) the unit scores come from the whole Fisher block of each group,
+  ``G = sum_i c_i c_i^T``, not its diagonal: a set of units removed together costs
+  ``sum_{u,v} G_uv``, and units are ranked by a greedy removal order of that form
+  (``passes.joint``).  The diagonal ignores that redundant units compound; on a converged model
+  (scikit-learn's digits) it ranked below the weight norm and the joint form above it
+  (benchmarks/results/criteria.md).
 * ``"batch"`` (NViT's code): the same with ``c_S`` the gradient of the *batch-mean* loss, squared
   per batch.  Near convergence the batch-mean gradient is a small mean plus noise, so its square
   over a few dozen batches is a noisy, mean-dominated estimate of the per-example second moment
@@ -31,6 +37,7 @@ from torch.func import functional_call, grad, vmap
 
 from vitgraph.distributed import all_reduce_sum
 from vitgraph.passes.gates import PRUNABLE, GateSet, model_tensors
+from vitgraph.passes.joint import FisherBlocks
 from vitgraph.passes.scoring_common import LossFn, default_loss, log, scoring_batches, scoring_graph
 
 if TYPE_CHECKING:
@@ -59,12 +66,14 @@ def hessian_scores(
     seed: int = 0,
     log_every: int = 10,
     chunk: int = 8,
+    joint: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Per-unit Hessian-aware saliency of every group of ``kinds`` (shapes as ``Plan.from_scores``).
 
     ``data`` yields ``(inputs, targets)``; ``loss_fn(output, targets)`` defaults to
     cross-entropy; in ``"fisher"`` mode it is called on one example at a time (output and
-    targets with a batch of 1, under ``vmap``), ``chunk`` examples per batched backward (each
+    targets with a batch of 1, under ``vmap``), and ``joint`` ranks by the Fisher block of each
+    group instead of its diagonal (``mode="fisher"`` only); ``chunk`` examples per batched backward (each
     holds ``chunk`` per-example weight gradients: on DeiT-S at batch 16, chunk 8 took 1.0-1.3x a
     training step and chunk 16 2.5-3.8x, the larger copies falling out of cache).  Under
     torch.distributed each rank scores its share of the batches and the sums are reduced, so the
@@ -88,6 +97,8 @@ def hessian_scores(
     base = model_tensors(gm)
     vgm = scoring_graph(gm).eval() if mode == "fisher" else None
     acc = {gid: torch.zeros(gates.numel(gid), dtype=torch.float64, device=device) for gid in gates.shapes}
+    blocks = FisherBlocks(gates, device) if joint and mode == "fisher" else None
+    scale = {gid: 1.0 / factors[_kind(gates, gid)] for gid in gates.shapes}
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n = 0
     t0 = time.perf_counter()
@@ -102,8 +113,9 @@ def hessian_scores(
 
             ones = gates.ones(device=device)
             if mode == "fisher":
-                for gid, c2 in _per_example_sq(vgm, gates, base, inputs, targets, loss_fn, ones, chunk).items():
-                    acc[gid] += c2 / factors[_kind(gates, gid)] ** 2
+                for gid, c2 in _per_example_sq(vgm, gates, base, inputs, targets, loss_fn, ones, chunk, blocks,
+                                               scale).items():
+                    acc[gid] += c2 * scale[gid] ** 2
             elif mode == "batch":
                 for gid, c in gate_grads(ones).items():
                     acc[gid] += (c.double() / factors[_kind(gates, gid)]) ** 2
@@ -120,12 +132,18 @@ def hessian_scores(
                 log.info("hessian (%s): %d batches, %.1f s", mode, n, time.perf_counter() - t0)
     finally:
         gm.train(was_training)
+    if blocks is not None:
+        blocks.blocks = all_reduce_sum(blocks.blocks)
+        return {gid: gates.unflatten(gid, v) for gid, v in blocks.scores().items()}
     total = all_reduce_sum(acc)
     return {gid: gates.unflatten(gid, v.float().cpu()) for gid, v in total.items()}
 
 
-def _per_example_sq(gm, gates: GateSet, base, inputs, targets, loss_fn, ones, chunk: int) -> dict[str, torch.Tensor]:
-    """``sum_i (dL_i / dg)^2`` over the examples of one batch, ``L_i`` the loss of example ``i`` alone."""
+def _per_example_sq(gm, gates: GateSet, base, inputs, targets, loss_fn, ones, chunk: int,
+                    blocks: Optional[FisherBlocks] = None, scale: Optional[Mapping[str, float]] = None,
+                    ) -> dict[str, torch.Tensor]:
+    """``sum_i (dL_i / dg)^2`` over the examples of one batch, ``L_i`` the loss of example ``i`` alone;
+    ``blocks`` also receives every ``dL_i / dg`` (times ``scale[gid]``)."""
     if targets is not None and not isinstance(targets, torch.Tensor):
         raise ValueError("hessian mode 'fisher' needs tensor targets (one per example) to take per-example "
                          f"gradients, got {type(targets).__name__}; use mode='batch' for other targets")
@@ -142,6 +160,8 @@ def _per_example_sq(gm, gates: GateSet, base, inputs, targets, loss_fn, ones, ch
         grads = per_example(ones, tuple(x[sl] for x in inputs), None if targets is None else targets[sl])
         for gid, gr in grads.items():
             out[gid] += (gr.double() ** 2).sum(0)
+        if blocks is not None:
+            blocks.add({gid: gr * scale[gid] for gid, gr in grads.items()})
     return out
 
 

@@ -12,7 +12,10 @@ and ``p_u`` the output with unit ``u`` zeroed (every weight linked to it gated t
   gates: ``F_uu = E_x E_{y ~ q(x)} (d log p_y(x) / d g_u)^2``.  Per-example gradients come from
   ``vmap(grad)``; the expectation over ``y`` is exact for up to ``max_exact_classes`` classes and
   sampled (``samples`` draws) above that.  Its cost is ``classes`` (or ``samples``) backward passes
-  over the proxy set, independent of the number of units.
+  over the proxy set, independent of the number of units.  With ``joint`` (the default) the
+  whole Fisher block of each group is kept and units are ranked by the greedy removal order of
+  ``1/2 delta^T F delta`` (``passes.joint``): removing a set costs more than the sum of its
+  units' KLs when they carry the same signal.
 
 Residual channels are zeroed, not removed: LayerNorm statistics still count them, so their scores
 measure a slightly different change than slicing does (UP-ViT's code masks the same way).
@@ -28,6 +31,7 @@ from torch.func import functional_call, grad, vmap
 
 from vitgraph.distributed import all_reduce_sum
 from vitgraph.passes.gates import PRUNABLE, GateSet, model_tensors
+from vitgraph.passes.joint import FisherBlocks
 from vitgraph.passes.scoring_common import log, logits_of, scoring_batches, scoring_graph
 
 if TYPE_CHECKING:
@@ -49,6 +53,7 @@ def kl_scores(
     device: Optional[torch.device] = None,
     seed: int = 0,
     log_every: int = 10,
+    joint: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Per-unit KL importance of every group of ``kinds`` (shapes as ``Plan.from_scores`` takes).
 
@@ -69,6 +74,7 @@ def kl_scores(
     gm = scoring_graph(src).eval()
     base = model_tensors(gm)
     acc = {gid: torch.zeros(gates.numel(gid), dtype=torch.float64, device=device) for gid in gates.shapes}
+    blocks = FisherBlocks(gates, device) if joint and mode == "approx" else None
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n, t0 = 0, time.perf_counter()
     try:
@@ -78,12 +84,16 @@ def kl_scores(
             if mode == "exact":
                 _exact_batch(gm, gates, base, inputs, logq, temperature, chunk, acc)
             else:
-                _approx_batch(gm, gates, base, inputs, logq, temperature, chunk, samples, max_exact_classes, gen, acc)
+                _approx_batch(gm, gates, base, inputs, logq, temperature, chunk, samples, max_exact_classes, gen, acc,
+                              blocks)
             n += 1
             if log_every and n % log_every == 0:
                 log.info("kl (%s): %d batches, %.1f s", mode, n, time.perf_counter() - t0)
     finally:
         src.train(was_training)
+    if blocks is not None:
+        blocks.blocks = all_reduce_sum(blocks.blocks)
+        return {gid: gates.unflatten(gid, v) for gid, v in blocks.scores().items()}
     total = all_reduce_sum(acc)
     return {gid: gates.unflatten(gid, v.float().cpu()) for gid, v in total.items()}
 
@@ -106,7 +116,8 @@ def _exact_batch(gm, gates: GateSet, base, inputs, logq, temperature, chunk, acc
             acc[gid][start:start + k] += (q * (logq - logp)).sum(dim=(-1, -2))
 
 
-def _approx_batch(gm, gates: GateSet, base, inputs, logq, temperature, chunk, samples, max_exact, gen, acc) -> None:
+def _approx_batch(gm, gates: GateSet, base, inputs, logq, temperature, chunk, samples, max_exact, gen, acc,
+                  blocks: Optional[FisherBlocks] = None) -> None:
     q = logq.exp()
     b, classes = q.shape
     if classes <= max_exact:  # every class, weighted by q
@@ -133,3 +144,5 @@ def _approx_batch(gm, gates: GateSet, base, inputs, logq, temperature, chunk, sa
         for gid, gr in grads.items():
             # KL ~ 1/2 F_uu, F_uu = sum_y q_y (d log p_y / d g_u)^2
             acc[gid] += 0.5 * (w[:, None] * gr.double() ** 2).sum(0)
+        if blocks is not None:
+            blocks.add(grads, weights=0.5 * w)
