@@ -28,7 +28,7 @@ def _ffn_gate_grad(model, x, y, block: int = 1) -> torch.Tensor:
 
 def test_fisher_is_the_sum_of_per_example_squared_gate_gradients(setup):
     model, an, data = setup
-    s = vitgraph.score(model, an, "hessian", data=data, chunk=3)  # chunks that do not divide the batch
+    s = vitgraph.score(model, an, "hessian", data=data, chunk=3, joint=False)  # chunks that do not divide the batch
     ref = sum(_ffn_gate_grad(model, x[i:i + 1], y[i:i + 1]) ** 2 for x, y in data for i in range(len(x)))
     torch.testing.assert_close(s["blocks.1.mlp:ffn"].double(), ref, rtol=1e-3, atol=1e-10)
     # not the squared batch-mean gradient: that one is far smaller and orders the units differently
@@ -88,8 +88,8 @@ def _trained_tiny(steps: int = 150):
 
 
 def test_fisher_orders_units_like_the_loss_increase_of_removing_them():
-    """On a fitted model, per-example Fisher ranks FFN channels like the measured loss increase
-    when each is removed."""
+    """On a fitted model, the per-example Fisher's diagonal ranks FFN channels like the measured loss
+    increase when each is removed alone."""
     model, x, y = _trained_tiny()
     an = vitgraph.analyze(model, x[:1])
     data = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)]
@@ -102,5 +102,5 @@ def test_fisher_orders_units_like_the_loss_increase_of_removing_them():
             plan = vitgraph.Plan.keep_all(an).keep(gid, [i for i in range(size) if i != u])
             rise.append(F.cross_entropy(vitgraph.mask(model, plan, an)(x), y).item() - base)
     rise = torch.tensor(rise)
-    fisher = vitgraph.score(model, an, "hessian", data=data, kinds=("ffn",))[gid]
+    fisher = vitgraph.score(model, an, "hessian", data=data, kinds=("ffn",), joint=False)[gid]
     assert spearman(fisher, rise) >= 0.8
