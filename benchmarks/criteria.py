@@ -285,14 +285,14 @@ class TorchPruning:
 # -- the protocol ---------------------------------------------------------------------------------
 def finetune_copy(slim, dense, xtr, ytr, a, seed: int, long: bool = False):
     """A fine-tuned copy: ``a.ft_steps`` steps of batch 64, CE + 0.2 KL from the dense model (UP-ViT);
-    ``long``: ``a.long_ft_steps`` steps with NViT's loss (CE + KL distillation at tau 20)."""
+    ``long``: ``a.long_ft_steps`` steps at lr ``a.long_ft_lr`` with NViT's loss (CE + KL distillation at tau 20)."""
     from vitgraph.data import EpochLoader
     from vitgraph.passes.recovery import finetune
 
     m = copy.deepcopy(slim)
     torch.manual_seed(seed)
     finetune(m, EpochLoader(xtr, ytr, 64, seed=7 + seed), teacher=dense, loss="nvit" if long else "upvit", alpha=0.2,
-             lr=a.ft_lr, max_steps=a.long_ft_steps if long else a.ft_steps, log_every=0)
+             lr=a.long_ft_lr if long else a.ft_lr, max_steps=a.long_ft_steps if long else a.ft_steps, log_every=0)
     return m.eval()
 
 
@@ -589,6 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ft-lr", type=float, default=5e-4)
     ap.add_argument("--long-ft-steps", type=int, default=400,
                     help="steps of the longer fine-tune (NViT's loss) of the 50%%-FLOPs allocation plans")
+    ap.add_argument("--long-ft-lr", type=float, default=1e-4, help="its learning rate (finetune's default)")
     ap.add_argument("--long-ft-criteria", default="kl-approx,hessian-fisher,tp-magnitude",
                     help="criteria whose 50%%-FLOPs allocation plan gets the longer fine-tune too")
     ap.add_argument("--ft-proxy", type=int, help="proxy size whose plans are fine-tuned (default: the largest)")
