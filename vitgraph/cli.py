@@ -330,9 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("group", nargs="*", help="group ids or parameter names (default: every group and frozen set)")
     s.set_defaults(fn=cmd_explain)
     s = model_cmd("score", "score every prunable unit (magnitude, hessian, kl, threshold); optionally plan")
-    s.add_argument("--method", choices=["magnitude", "hessian", "kl", "threshold"], default="hessian")
+    s.add_argument("--method", choices=["magnitude", "hessian", "kl", "threshold"], default="kl",
+                   help="criterion (default kl: the best in benchmarks/results/criteria.md)")
     s.add_argument("--data", default="random", help="random | fashion-mnist | FILE.pt holding (inputs, targets)")
-    s.add_argument("--batches", type=int, default=8, help="number of batches")
+    s.add_argument("--batches", type=int, default=32, help="number of batches (default 32: 512 images at batch 16)")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. mode=hvp")
     s.add_argument("--out", default="scores.pt", help="where to save the scores (torch.save)")
@@ -354,14 +355,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = model_cmd("prune", "score, plan to a target, compress, fine-tune with distillation, export and report")
     s.add_argument("--data", required=True, metavar="DIR", help="training images in ImageFolder layout (DIR/<class>/<image>)")
     s.add_argument("--val-data", metavar="DIR", help="validation images in ImageFolder layout (default: --data)")
-    s.add_argument("--method", choices=["hessian", "kl", "magnitude", "threshold"], default="hessian")
+    s.add_argument("--method", choices=["hessian", "kl", "magnitude", "threshold"], default="kl",
+                   help="criterion (default kl: the best in benchmarks/results/criteria.md)")
     s.add_argument("--target", default="flops:0.5", help="flops|params|latency:FRACTION kept (default flops:0.5)")
     s.add_argument("--runtime", choices=["ort-cpu", "torch-cpu", "ort-cuda", "torch-cuda"], default="torch-cpu",
                    help="runtime of latency targets and of the measured latency")
     s.add_argument("--finetune-epochs", type=int, default=1, help="epochs of fine-tuning with distillation (0: none)")
     s.add_argument("--batch-size", type=int, default=32)
     s.add_argument("--round-to", type=int, default=8, help="round kept channel counts to this multiple")
-    s.add_argument("--score-batches", type=int, default=8, help="training batches the scores are taken on")
+    s.add_argument("--score-batches", type=int, default=16,
+                   help="training batches the scores are taken on (default 16: 512 images at batch 32)")
     s.add_argument("--lr", type=float, default=1e-4, help="fine-tuning learning rate (AdamW, cosine schedule)")
     s.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     s.add_argument("--int8", action="store_true", help="also write model.int8.onnx (onnxruntime static quantization "

@@ -1,6 +1,6 @@
 """``vitgraph.prune``: from a trained model and its data to a pruned, fine-tuned, reloadable result.
 
-    result = vitgraph.prune(model, train_loader, val_loader, method="hessian", target="flops:0.5",
+    result = vitgraph.prune(model, train_loader, val_loader, method="kl", target="flops:0.5",
                             finetune_epochs=2, out="out/pruned", source=source)
 
 The steps: dense top-1 on the validation data, scores (:func:`vitgraph.score`), a plan to the
@@ -200,7 +200,7 @@ def prune(
     train_data: Iterable[Any],
     val_data: Optional[Iterable[Any]] = None,
     *,
-    method: str = "hessian",
+    method: str = "kl",
     target: Union[str, tuple[str, float]] = "flops:0.5",
     finetune_epochs: int = 1,
     out: Optional[Union[str, Path]] = None,
@@ -208,7 +208,7 @@ def prune(
     example_input: Optional[torch.Tensor] = None,
     runtime: str = "torch-cpu",
     round_to: int = 8,
-    score_batches: int = 8,
+    score_batches: int = 16,
     lr: float = 1e-4,
     alpha: float = 0.2,
     device: Optional[Union[str, torch.device]] = None,
@@ -229,7 +229,8 @@ def prune(
     batches; under torchrun a DataLoader over a map-style dataset is shared out by a
     DistributedSampler).  Without ``val_data`` the figures are measured on ``train_data``.
     ``method`` is a :func:`vitgraph.score` method (scores from the first ``score_batches``
-    batches); ``target`` is ``"flops:F"``, ``"params:F"`` or ``"latency:F"`` (``runtime`` names
+    batches; the defaults, kl on 16 batches, are the best criterion and proxy size of
+    ``benchmarks/results/criteria.md``); ``target`` is ``"flops:F"``, ``"params:F"`` or ``"latency:F"`` (``runtime`` names
     the runtime latency is predicted and measured on: ort-cpu, torch-cpu, ort-cuda, torch-cuda).
 
     ``schedule="iterative"`` with ``steps=K`` prunes in K rounds (NViT's schedule): round k keeps

@@ -48,9 +48,15 @@ def score(
 
     * ``magnitude``: L2 norm of the unit's weights (no data).
     * ``hessian``: NViT's Hessian-aware saliency, normalised across kinds for one global ranking
-      (options: ``mode="fisher"|"hvp"``, ``kind_factors``, ``h``, ``probes``, ``max_batches``).
+      (options: ``mode="fisher"|"batch"|"hvp"``, ``joint``, ``kind_factors``, ``h``, ``probes``,
+      ``max_batches``, ``chunk``).
     * ``kl``: UP-ViT's KL divergence of the output when the unit is removed, over ``data`` as the
-      proxy set (options: ``mode="approx"|"exact"``, ``chunk``, ``samples``).
+      proxy set (options: ``mode="approx"|"exact"``, ``joint``, ``chunk``, ``samples``,
+      ``max_exact_classes``).
+
+    ``joint`` (default True; fisher and approx modes) ranks the units of each group by the greedy
+    removal order of the second-order form over the removed set, cross terms included
+    (``passes.joint``); ``joint=False`` ranks by the diagonal, each unit as if removed alone.
     * ``threshold``: WDPruning's learnable saliency scores and keep-ratio thresholds, trained
       toward ``target`` (fraction of params or FLOPs kept); the result carries kept widths.
 
