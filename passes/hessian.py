@@ -8,7 +8,8 @@ second-order saliency are offered:
   ``c_{S,i} = dL_i/dg_S = sum_{w in S} w * dL_i/dw``, divided by the group kind's factor, squared
   and summed over examples: ``I_S = sum_i c_{S,i}^2``.  Per-example gradients come from
   ``torch.func.vmap(grad)`` over ``chunk`` examples at a time (one batched forward and backward).
-  With ``joint`` (the default) the unit scores come from the whole Fisher block of each group,
+  With ``joint`` (the default) the scores of q/k, v and FFN units come from their group's whole
+  Fisher block (residual channels and heads keep the diagonal, see ``passes.joint``),
   ``G = sum_i c_i c_i^T``, not its diagonal: a set of units removed together costs
   ``sum_{u,v} G_uv``, and units are ranked by a greedy removal order of that form
   (``passes.joint``).  The diagonal ignores that redundant units compound; on a converged model
@@ -132,11 +133,12 @@ def hessian_scores(
                 log.info("hessian (%s): %d batches, %.1f s", mode, n, time.perf_counter() - t0)
     finally:
         gm.train(was_training)
-    if blocks is not None:
-        blocks.blocks = all_reduce_sum(blocks.blocks)
-        return {gid: gates.unflatten(gid, v) for gid, v in blocks.scores().items()}
     total = all_reduce_sum(acc)
-    return {gid: gates.unflatten(gid, v.float().cpu()) for gid, v in total.items()}
+    out = {gid: gates.unflatten(gid, v.float().cpu()) for gid, v in total.items()}
+    if blocks is not None:  # q/k, v and FFN groups: the joint ranking (the others keep the diagonal)
+        blocks.blocks = all_reduce_sum(blocks.blocks)
+        out.update({gid: gates.unflatten(gid, v) for gid, v in blocks.scores().items()})
+    return out
 
 
 def _per_example_sq(gm, gates: GateSet, base, inputs, targets, loss_fn, ones, chunk: int,

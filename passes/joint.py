@@ -18,6 +18,11 @@ to the quadratic form given the ones removed before,
 and a unit's score is that marginal gain, made non-decreasing along the greedy order (a running
 maximum, ties broken in that order), so ``Plan.from_scores`` and the planner, which remove the
 lowest scores first, remove units in the greedy order and sum marginal costs across groups.
+Only the kinds whose units are removed inside one block take the joint form (``JOINT_KINDS``:
+q/k, v and FFN).  Residual channels keep the diagonal: every LayerNorm they feed is invariant to
+scaling all of its input channels, so their gate gradients nearly sum to zero and the quadratic
+form has a near-null direction along "remove every channel", which prices large residual cuts far
+below their cost (a pruned ViT lost a third of its residual width to it).  Heads keep it too.
 Memory is ``sum_group units^2`` floats (ViT-B: about 0.45 GB, mostly the twelve 3072-wide FFN
 blocks); the greedy pass is ``O(units^2)`` per group.
 """
@@ -31,13 +36,20 @@ if TYPE_CHECKING:
     from vitgraph.passes.gates import GateSet
 
 
-class FisherBlocks:
-    """Per-group Fisher blocks ``G = sum_n w_n c_n c_n^T`` of gate gradients ``c_n``, accumulated."""
+JOINT_KINDS = ("qk", "v", "ffn")
 
-    def __init__(self, gates: "GateSet", device: Optional[torch.device] = None) -> None:
+
+class FisherBlocks:
+    """Per-group Fisher blocks ``G = sum_n w_n c_n c_n^T`` of gate gradients ``c_n``, accumulated
+    for the groups of ``kinds`` (the others are left to the diagonal)."""
+
+    def __init__(self, gates: "GateSet", device: Optional[torch.device] = None,
+                 kinds: tuple[str, ...] = JOINT_KINDS) -> None:
         self.gates = gates
         self.blocks: dict[str, torch.Tensor] = {}
         for gid, shape in gates.shapes.items():
+            if gates.analysis.group(gid).kind not in kinds:
+                continue
             if len(shape) == 2:  # per head: one block per head
                 h, d = shape
                 self.blocks[gid] = torch.zeros(h, d, d, dtype=torch.float32, device=device)
@@ -48,6 +60,8 @@ class FisherBlocks:
     def add(self, grads: Mapping[str, torch.Tensor], weights: Optional[torch.Tensor] = None) -> None:
         """Add per-example flat gate gradients ``grads[gid]`` (``[n, units]``), optionally weighted."""
         for gid, c in grads.items():
+            if gid not in self.blocks:
+                continue
             c = c.float()
             cw = c if weights is None else c * weights.to(c)[:, None]
             blk = self.blocks[gid]
@@ -59,7 +73,7 @@ class FisherBlocks:
                 blk += cw.T @ c
 
     def scores(self) -> dict[str, torch.Tensor]:
-        """Greedy joint scores of every group, shaped as ``GateSet.unflatten`` shapes them."""
+        """Greedy joint scores of every blocked group, shaped as ``GateSet.unflatten`` shapes them."""
         out = {}
         for gid, blk in self.blocks.items():
             if blk.dim() == 3:

@@ -13,7 +13,7 @@ and ``p_u`` the output with unit ``u`` zeroed (every weight linked to it gated t
   ``vmap(grad)``; the expectation over ``y`` is exact for up to ``max_exact_classes`` classes and
   sampled (``samples`` draws) above that.  Its cost is ``classes`` (or ``samples``) backward passes
   over the proxy set, independent of the number of units.  With ``joint`` (the default) the
-  whole Fisher block of each group is kept and units are ranked by the greedy removal order of
+  whole Fisher block of each q/k, v and FFN group is kept and units are ranked by the greedy removal order of
   ``1/2 delta^T F delta`` (``passes.joint``): removing a set costs more than the sum of its
   units' KLs when they carry the same signal.
 
@@ -91,11 +91,12 @@ def kl_scores(
                 log.info("kl (%s): %d batches, %.1f s", mode, n, time.perf_counter() - t0)
     finally:
         src.train(was_training)
-    if blocks is not None:
-        blocks.blocks = all_reduce_sum(blocks.blocks)
-        return {gid: gates.unflatten(gid, v) for gid, v in blocks.scores().items()}
     total = all_reduce_sum(acc)
-    return {gid: gates.unflatten(gid, v.float().cpu()) for gid, v in total.items()}
+    out = {gid: gates.unflatten(gid, v.float().cpu()) for gid, v in total.items()}
+    if blocks is not None:  # q/k, v and FFN groups: the joint ranking (the others keep the diagonal)
+        blocks.blocks = all_reduce_sum(blocks.blocks)
+        out.update({gid: gates.unflatten(gid, v) for gid, v in blocks.scores().items()})
+    return out
 
 
 def _exact_batch(gm, gates: GateSet, base, inputs, logq, temperature, chunk, acc) -> None:
