@@ -16,11 +16,11 @@
    ``vitgraph.load(OUT)``: FLOPs fraction against the dense architecture, top-1 on the validation
    folder, max abs difference against ``OUT/model.onnx`` in onnxruntime on a validation batch,
    and the top-1 of ``OUT/model.int8.onnx``.
-5. The same hessian command under ``torchrun --nproc_per_node 2`` (CPU, gloo): its plan.json
+5. The default method's (kl) command under ``torchrun --nproc_per_node 2`` (CPU, gloo): its plan.json
    against the one-process run's.
 6. ``--target latency:0.5 --runtime ort-cpu --finetune-epochs 0``, then the dense and the result's
    ONNX files timed against each other several times (interleaved medians), with the spread.
-7. With ``--schedule`` in ``vitgraph prune --help``: the hessian command with ``--schedule
+7. With ``--schedule`` in ``vitgraph prune --help``: the default method's command with ``--schedule
    iterative --steps 3`` beside the one-shot row.
 
 Prints the table and writes benchmarks/results/prune_pipeline.md.
@@ -430,7 +430,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="hessian,kl")
     ap.add_argument("--no-torchrun", action="store_true")
     ap.add_argument("--no-latency", action="store_true")
-    ap.add_argument("--latency-method", default="hessian")
+    ap.add_argument("--default-method", default="kl", help="vitgraph prune's default method: the iterative and "
+                    "torchrun rows run it (its one-shot run must be in --methods)")
+    ap.add_argument("--latency-method", default="kl")
     ap.add_argument("--latency-runs", type=int, default=3, help="runs of the latency:0.5 command")
     ap.add_argument("--latency-times", type=int, default=5, help="interleaved latency measurements of each run")
     ap.add_argument("--latency-reps", type=int, default=200, help="calls per candidate per round (10 rounds)")
@@ -460,10 +462,11 @@ def main(argv: list[str] | None = None) -> int:
     for method in a.methods.split(","):
         runs.append((method, method, prune_argv(ckpts.get(method, ckpts["hessian"]), train, val, work / f"out_{method}",
                                                 method, "flops:0.5", a.finetune_epochs, ("--int8",))))
+    D = a.default_method  # the iterative, torchrun and latency rows run vitgraph prune's default method
     iterative = a.iterative == "yes" or (a.iterative == "auto" and has_schedule())
     if iterative:
-        runs.append(("hessian iterative (3 steps)", "hessian",
-                     prune_argv(ckpts["hessian"], train, val, work / "out_hessian_iter", "hessian", "flops:0.5",
+        runs.append((f"{D} iterative (3 steps)", D,
+                     prune_argv(ckpts[D], train, val, work / f"out_{D}_iter", D, "flops:0.5",
                                 a.finetune_epochs, ("--schedule", "iterative", "--steps", "3", "--int8"))))
     for row, method, args in runs:
         out = Path(args[args.index("--out") + 1])
@@ -478,24 +481,24 @@ def main(argv: list[str] | None = None) -> int:
 
     torchrun = None
     if not a.no_torchrun:
-        args = prune_argv(ckpts["hessian"], train, val, work / "out_hessian_torchrun", "hessian", "flops:0.5",
+        args = prune_argv(ckpts[D], train, val, work / f"out_{D}_torchrun", D, "flops:0.5",
                           a.finetune_epochs, ("--int8",))
         cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "-m", "vitgraph.cli", *args]
         commands.append("OMP_NUM_THREADS=1 " + shlex.join(cmd))
-        seconds["hessian torchrun x2"] = run(cmd, work / "log_out_hessian_torchrun.txt", env)
-        out2 = work / "out_hessian_torchrun"
-        same = (out2 / "plan.json").read_text() == (work / "out_hessian" / "plan.json").read_text()
-        reports["hessian torchrun x2"] = read_report(out2)
-        checks["hessian torchrun x2"] = fresh_check(out2, val, env)
-        checks["hessian torchrun x2"]["int8_speed"] = int8_speed(out2)
-        printed = (work / "log_out_hessian_torchrun.txt").read_text().count("| fine-tuned |")
+        seconds[f"{D} torchrun x2"] = run(cmd, work / f"log_out_{D}_torchrun.txt", env)
+        out2 = work / f"out_{D}_torchrun"
+        same = (out2 / "plan.json").read_text() == (work / f"out_{D}" / "plan.json").read_text()
+        reports[f"{D} torchrun x2"] = read_report(out2)
+        checks[f"{D} torchrun x2"] = fresh_check(out2, val, env)
+        checks[f"{D} torchrun x2"]["int8_speed"] = int8_speed(out2)
+        printed = (work / f"log_out_{D}_torchrun.txt").read_text().count("| fine-tuned |")
         torchrun = {"plan_equal": same, "reports_printed": printed}
         print(f"  torchrun: plan.json equal to the one-process run's: {same}; fine-tuned rows printed: {printed}")
 
     latency = []
     for k in range(0 if a.no_latency else a.latency_runs):
         out3 = work / f"out_latency_{k + 1}"
-        args = prune_argv(ckpts["hessian"], train, val, out3, a.latency_method, "latency:0.5", 0)
+        args = prune_argv(ckpts[a.latency_method], train, val, out3, a.latency_method, "latency:0.5", 0)
         cmd = [vitgraph_bin, *args]
         commands.append(shlex.join(cmd))
         row = f"{a.latency_method} latency:0.5 (run {k + 1})"
@@ -555,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  for b, (f, q, sp) in ck.get("int8_speed", {}).items()),
                          "result": "reported"})
     if torchrun is not None:
-        t = reports["hessian torchrun x2"]["stages"]
+        t = reports[f"{a.default_method} torchrun x2"]["stages"]
         done.append({"check": "torchrun x2 plan.json == one-process plan.json",
                      "measured": f"equal: {torchrun['plan_equal']}; top-1 dense/pruned/fine-tuned "
                                  f"{t['dense']['top1']:.2f}/{t['pruned']['top1']:.2f}/{t['fine-tuned']['top1']:.2f}; "
@@ -591,8 +594,8 @@ def main(argv: list[str] | None = None) -> int:
         f"label smoothing 0.1; {info['train_seconds']:.0f} s) on the training folder preprocessed by "
         "`vitgraph.data.preprocessing` (timm's data config: bicubic resize to 31, centre crop 28, mean/std 0.5), "
         f"the preprocessing `vitgraph prune` applies; val top-1 {info['top1']:.2f}%. Its state dict is saved as "
-        "`ckpt.pth` (hessian, torchrun and latency runs read it) and `ckpt.safetensors` (the kl run reads it; its "
-        "dense top-1 equals the .pth runs').", "",
+        "`ckpt.pth` (the hessian run reads it) and `ckpt.safetensors` (the kl, iterative, torchrun and latency runs "
+        "read it; its dense top-1 equals the .pth run's).", "",
         "Columns: top-1 in % on the validation folder as each command's report.md gives it (dense, pruned before "
         "fine-tuning, fine-tuned, int8 = model.int8.onnx in onnxruntime); params, MFLOPs and ORT ms (batch 1, "
         "onnxruntime CPU median of interleaved runs, by the command) of the fine-tuned model; FLOPs fraction as "
@@ -626,10 +629,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"patched): chosen plan at FLOPs {lc['chosen_flops']:.3f}, rounds {json.dumps(lc['rounds'])}; "
                   f"that plan re-measured 3 times: {lc['remeasured']}.", ""]
     steps = {row: rep.get("ft_steps") for row, rep in reports.items()}
-    if "hessian torchrun x2" in steps and "hessian" in steps:
+    D = a.default_method
+    if f"{D} torchrun x2" in steps and D in steps:
         notes += [f"torchrun: the 2 ranks share out the training batches (DistributedSampler, batch 32 per rank), so "
-                  f"the fine-tuning took {steps['hessian torchrun x2']} steps against the one-process run's "
-                  f"{steps['hessian']} at the same learning rate; the plan is scored before fine-tuning, so it is "
+                  f"the fine-tuning took {steps[f'{D} torchrun x2']} steps against the one-process run's "
+                  f"{steps[D]} at the same learning rate; the plan is scored before fine-tuning, so it is "
                   "the same, and the fine-tuned top-1 differs.", ""]
     notes += ["Fresh-process figures per run:", "", "```"]
     notes += [f"{row:<28} {json.dumps({k: v for k, v in ck.items() if k != 'guard'})}" for row, ck in checks.items()]
