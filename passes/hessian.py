@@ -8,13 +8,12 @@ second-order saliency are offered:
   ``c_{S,i} = dL_i/dg_S = sum_{w in S} w * dL_i/dw``, divided by the group kind's factor, squared
   and summed over examples: ``I_S = sum_i c_{S,i}^2``.  Per-example gradients come from
   ``torch.func.vmap(grad)`` over ``chunk`` examples at a time (one batched forward and backward).
-  With ``joint`` (the default) the scores of q/k, v and FFN units come from their group's whole
-  Fisher block (residual channels and heads keep the diagonal, see ``passes.joint``),
-  ``G = sum_i c_i c_i^T``, not its diagonal: a set of units removed together costs
-  ``sum_{u,v} G_uv``, and units are ranked by a greedy removal order of that form
-  (``passes.joint``).  The diagonal ignores that redundant units compound; on a converged model
-  (scikit-learn's digits) it ranked below the weight norm and the joint form above it
-  (benchmarks/results/criteria.md).
+  With ``joint`` (the default) q/k, v and FFN units are ranked by their group's whole Fisher
+  block ``G = sum_i c_i c_i^T``, not its diagonal: a set of units removed together costs
+  ``sum_{u,v} G_uv``, and units go in the greedy removal order of that form (``passes.joint``;
+  residual channels and heads keep the diagonal).  The diagonal ignores that redundant units
+  compound; on a converged model (scikit-learn's digits) it ranked below the weight norm and the
+  joint form above it (benchmarks/results/criteria.md).
 * ``"batch"`` (NViT's code): the same with ``c_S`` the gradient of the *batch-mean* loss, squared
   per batch.  Near convergence the batch-mean gradient is a small mean plus noise, so its square
   over a few dozen batches is a noisy, mean-dominated estimate of the per-example second moment
@@ -73,8 +72,8 @@ def hessian_scores(
 
     ``data`` yields ``(inputs, targets)``; ``loss_fn(output, targets)`` defaults to
     cross-entropy; in ``"fisher"`` mode it is called on one example at a time (output and
-    targets with a batch of 1, under ``vmap``), and ``joint`` ranks by the Fisher block of each
-    group instead of its diagonal (``mode="fisher"`` only); ``chunk`` examples per batched backward (each
+    targets with a batch of 1, under ``vmap``), and ``joint`` ranks q/k, v and FFN groups by their
+    Fisher block instead of its diagonal (``mode="fisher"`` only); ``chunk`` examples per batched backward (each
     holds ``chunk`` per-example weight gradients: on DeiT-S at batch 16, chunk 8 took 1.0-1.3x a
     training step and chunk 16 2.5-3.8x, the larger copies falling out of cache).  Under
     torch.distributed each rank scores its share of the batches and the sums are reduced, so the
