@@ -818,10 +818,9 @@ def test_functional_group_norm_square_addcmul(one_group):
     m = build(FunctionalNormsMLP, one_group)
     an = vitgraph.analyze(m, inputs(1))
     assert not an.unruled, an.unruled
-    # one group: statistics over every hidden channel, a normalised group (kind "other")
-    kind = "other" if one_group else "ffn"
-    assert kinds_and_sizes(an) == sorted([(kind, 24), ("residual", C)]), str(an)
-    ffn = only(an, kind)
+    # one group: statistics over every hidden channel, still the FFN's width, marked normalised
+    assert kinds_and_sizes(an) == sorted([("ffn", 24), ("residual", C)]), str(an)
+    ffn = only(an, "ffn")
     assert {("block.gn_w", 0), ("block.alpha", 0), ("block.beta", 0)} <= set(ffn.params)
     assert ffn.normalized == one_group
     plan = vitgraph.Plan.random(an, 0.5, seed=0)

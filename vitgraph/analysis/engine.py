@@ -288,7 +288,7 @@ def _kind(roles: set[str]) -> str:
     for kind, role in (("head", "head"), ("qk", "qk"), ("v", "v"), ("residual", "add")):
         if role in roles:
             return kind
-    if {"linear_in", "linear_out"} <= roles and "norm" not in roles:
+    if {"linear_in", "linear_out"} <= roles:  # a sub-LN or GRN FFN too (then marked normalised)
         return "ffn"
     return "other"
 
