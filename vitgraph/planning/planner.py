@@ -21,6 +21,7 @@ from vitgraph.analysis.kinds import unknown_kinds
 from vitgraph.analysis.context import META_KEY, TensorDims
 from vitgraph.analysis.ops.registry import lookup_op
 from vitgraph.errors import PlanError
+from vitgraph.planning import align as _align
 from vitgraph.planning.plan import DEFAULT_KINDS, Plan
 
 if TYPE_CHECKING:
@@ -347,10 +348,24 @@ class _GroupState:
     step: int  # channels (or heads) per unit
     min_w: int
     width: int
-    round_to: int
+    round_to: int  # kept counts are multiples of this (or the full width)
     order: Optional[np.ndarray] = None  # 1-D: channels by ascending score
     head_orders: Optional[np.ndarray] = None  # per-head qk/v: [heads, dims] ascending per head
     scores: Optional[np.ndarray] = None
+    full: int = -1  # the width planning starts from (the group's size unless tied to a narrower one)
+    tied: Optional[str] = None  # a group that keeps the same width (a v group with its q/k group)
+    follows: bool = False  # the width is set by the group that ties it
+
+    def down_width(self) -> Optional[int]:
+        """Kept count after removing the finest allowed step (None when at the minimum)."""
+        nxt = max(((self.width - 1) // self.round_to) * self.round_to, self.min_w)
+        return nxt if nxt < self.width else None
+
+    def up_width(self) -> Optional[int]:
+        """Kept count after adding back the finest allowed step (None when full)."""
+        if self.width >= self.full:
+            return None
+        return min(self.full, (self.width // self.round_to + 1) * self.round_to)
 
     def next_width(self) -> Optional[int]:
         """Kept count after removing one more unit (None when at the minimum)."""
@@ -381,13 +396,17 @@ def plan_to_target(
     normalize: bool = True,
     batch_units: int = 8,
     history: Optional[list] = None,
+    align: Optional[str] = None,
 ) -> Plan:
     """A plan whose ``target`` cost (flops, params or latency) is at most ``fraction`` of the dense model's.
 
     ``mode="global"`` (NViT): units (``unit[kind]`` channels, one head, or per-head dims removed
     from every head alike) are ranked by ``score - eta * (Lat(W) - Lat(W - unit))`` (the latency
     term only with a ``latency_table``) and the lowest ``batch_units`` are removed per round until
-    the target is met (the last round stops at the first unit that meets it).  With ``normalize``
+    the target is met (the last round stops at the first unit that meets it); then the budget
+    that the last unit overshot is filled again, step by step (``round_to`` channels or one head),
+    with the step that buys the most score per cost that still fits, so the plan lands just under
+    the target.  With ``normalize``
     each group's scores are divided by their mean and all units' scores sum to 1, so kinds compare
     by relative importance and ``eta`` weighs milliseconds against that share.
     ``mode="uniform"``: one removal ratio for every group, the smallest that meets the target
@@ -397,10 +416,12 @@ def plan_to_target(
     head groups); missing entries mean magnitude.  Kept channel counts are multiples of
     ``round_to`` (heads are not rounded) and at least ``min_width[kind]``.  ``target="latency"``
     needs ``latency_table``.  ``history`` (a list) receives one dict per planning round.
-    ``vitgraph.plan_to_target`` adds closing the loop on measured latency (``calibrate=True``).
+    ``align="kernels"`` keeps widths that fused GPU kernels run fast (:mod:`vitgraph.planning.align`:
+    equal q/k and v head dims in multiples of 8, at least 16; FFN and residual widths in multiples
+    of 64).  ``vitgraph.plan_to_target`` adds closing the loop on measured latency (``calibrate=True``).
     """
     args = planning_args(analysis, scores, target, fraction, eta, latency_table, unit, min_width, round_to,
-                         kinds, mode, normalize, batch_units)
+                         kinds, mode, normalize, batch_units, align)
     plan, widths, cost, dense = plan_once(fraction=fraction, **args)
     if history is not None:
         history.append({"planned_fraction": fraction, "predicted": cost / dense, "widths": widths})
@@ -410,7 +431,7 @@ def plan_to_target(
 def planning_args(analysis: "Analysis", scores: Optional[Mapping[str, Any]], target: str, fraction: float,
                   eta: float, latency_table: Optional["LatencyTable"], unit: Optional[Mapping[str, int]],
                   min_width: Optional[Mapping[str, int]], round_to: int, kinds: Optional[Sequence[str]], mode: str,
-                  normalize: bool, batch_units: int) -> dict:
+                  normalize: bool, batch_units: int, align: Optional[str] = None) -> dict:
     """The checked arguments of :func:`plan_once` (everything but the fraction) for ``plan_to_target``'s options."""
     if target not in TARGETS:
         raise PlanError(f"target must be one of {TARGETS}, got {target!r}")
@@ -422,6 +443,7 @@ def planning_args(analysis: "Analysis", scores: Optional[Mapping[str, Any]], tar
         raise PlanError(f"round_to must be >= 1, got {round_to}")
     if target == "latency" and latency_table is None:
         raise PlanError("target='latency' needs a latency_table (vitgraph.LatencyTable)")
+    _align.check_align(align)
     kinds = tuple(kinds) if kinds is not None else DEFAULT_KINDS
     bad = unknown_kinds(kinds)
     if bad:
@@ -430,7 +452,8 @@ def planning_args(analysis: "Analysis", scores: Optional[Mapping[str, Any]], tar
     scores = _complete_scores(analysis, scores, kinds)
     args = dict(cm=cm, scores=scores, target=target, eta=eta, table=latency_table,
                 unit={**DEFAULT_UNIT, **(unit or {})}, min_width={**DEFAULT_MIN_WIDTH, **(min_width or {})},
-                round_to=round_to, kinds=kinds, mode=mode, normalize=normalize, batch_units=batch_units)
+                round_to=round_to, kinds=kinds, mode=mode, normalize=normalize, batch_units=batch_units,
+                align=align)
     return args
 
 
@@ -445,7 +468,7 @@ def _complete_scores(analysis: "Analysis", scores: Optional[Mapping[str, Any]], 
 
 
 def _states(cm: CostModel, scores: dict, unit: Mapping[str, int], min_width: Mapping[str, int],
-            round_to: int, kinds: Sequence[str], normalize: bool) -> dict[str, _GroupState]:
+            round_to: int, kinds: Sequence[str], normalize: bool, align: Optional[str] = None) -> dict[str, _GroupState]:
     out = {}
     an = cm.analysis
     for g in an.groups:
@@ -454,16 +477,10 @@ def _states(cm: CostModel, scores: dict, unit: Mapping[str, int], min_width: Map
         s = _as_np(scores[g.id])
         if normalize and s.size and s.mean() > 0:
             s = s / s.mean()
-        if g.kind == "head":
-            step, rt = max(1, int(unit.get("head", 1))), 1
-        else:
-            rt = round_to
-            step = math.lcm(max(1, int(unit.get(g.kind, 16))), rt)
-        mw = max(1, int(min_width.get(g.kind, 1)))
-        if g.kind != "head":
-            mw = max(rt, math.ceil(mw / rt) * rt)
-        mw = min(mw, g.size)
-        st = _GroupState(g, step, mw, g.size, rt, scores=s)
+        rt = _align.multiple(g.kind, round_to, align)
+        step = math.lcm(max(1, int(unit.get(g.kind, 1 if g.kind == "head" else 16))), rt)
+        mw = _align.minimum(g.kind, int(min_width.get(g.kind, 1)), g.size, round_to, align)
+        st = _GroupState(g, step, mw, g.size, rt, scores=s, full=g.size)
         if s.ndim == 2 and g.per_head:
             st.head_orders = np.argsort(s, axis=1, kind="stable")
         else:
@@ -471,7 +488,33 @@ def _states(cm: CostModel, scores: dict, unit: Mapping[str, int], min_width: Map
             st.scores = flat
             st.order = np.argsort(flat, kind="stable")
         out[g.id] = st
+    if align == "kernels":
+        _tie_attention(cm.analysis, out)
     return out
+
+
+def _tie_attention(analysis: "Analysis", states: dict[str, _GroupState]) -> None:
+    """Each attention's v group follows its q/k group's width (both planned as one unit); a q/k or
+    v group whose partner is not planned keeps its full width."""
+    for qk, v in _align.attention_pairs(analysis).values():
+        a = states.get(qk.id) if qk is not None else None
+        b = states.get(v.id) if v is not None else None
+        if a is None or b is None:
+            for st in (a, b):
+                if st is not None:
+                    st.min_w = st.full = st.g.size
+            continue
+        full = a.g.size if a.g.size == b.g.size else (min(a.g.size, b.g.size) // a.round_to) * a.round_to
+        low = max(a.min_w, b.min_w)
+        if full < low:  # no width both can keep: the pair stays dense
+            a.min_w = a.full = a.g.size
+            b.min_w = b.full = b.g.size
+            a.step = b.step = max(a.step, b.step)
+            continue
+        a.full = b.full = full
+        a.min_w = b.min_w = low
+        a.step = b.step = max(a.step, b.step)
+        a.tied, b.follows = b.g.id, True
 
 
 def _unit_score(st: _GroupState, nxt: int, states: dict[str, _GroupState]) -> float:
@@ -495,8 +538,9 @@ def _unit_score(st: _GroupState, nxt: int, states: dict[str, _GroupState]) -> fl
 
 def plan_once(cm: CostModel, scores: dict, target: str, fraction: float, eta: float, table: Optional["LatencyTable"],
                unit: Mapping[str, int], min_width: Mapping[str, int], round_to: int, kinds: Sequence[str],
-               mode: str, normalize: bool, batch_units: int) -> tuple[Plan, dict[str, int], float, float]:
-    states = _states(cm, scores, unit, min_width, round_to, kinds, normalize)
+               mode: str, normalize: bool, batch_units: int,
+               align: Optional[str] = None) -> tuple[Plan, dict[str, int], float, float]:
+    states = _states(cm, scores, unit, min_width, round_to, kinds, normalize, align)
     dense = cm.cost(target, {}, table)
     goal = fraction * dense
     floor = cm.cost(target, {gid: st.min_w for gid, st in states.items()}, table)
@@ -507,7 +551,7 @@ def plan_once(cm: CostModel, scores: dict, target: str, fraction: float, eta: fl
         )
     for attempt in range(3):
         for st in states.values():
-            st.width = st.g.size
+            st.width = st.full
         if mode == "uniform":
             widths = _uniform(cm, states, target, goal, table)
         else:
@@ -528,10 +572,13 @@ def plan_once(cm: CostModel, scores: dict, target: str, fraction: float, eta: fl
 def _uniform_widths(states: dict[str, _GroupState], ratio: float) -> dict[str, int]:
     out = {}
     for gid, st in states.items():
-        n = st.g.size * (1.0 - ratio)
+        n = st.full * (1.0 - ratio)
         if st.round_to > 1:
             n = round(n / st.round_to) * st.round_to
-        out[gid] = int(min(st.g.size, max(st.min_w, round(n))))
+        out[gid] = int(min(st.full, max(st.min_w, round(n))))
+    for gid, st in states.items():
+        if st.tied is not None:
+            out[st.tied] = out[gid]
     return out
 
 
@@ -549,7 +596,14 @@ def _uniform(cm: CostModel, states: dict, target: str, goal: float, table: Optio
 
 
 def _global(cm: CostModel, states: dict, target: str, goal: float, eta: float, table: Optional["LatencyTable"],
-            normalize: bool, batch_units: int) -> dict[str, int]:
+            normalize: bool, batch_units: int, close: float = 0.005) -> dict[str, int]:
+    """NViT's global ranking: remove the lowest-priority units until the cost is within ``goal``.
+
+    A unit that would land more than ``close`` (relative) under ``goal`` is put back and its group
+    left alone from then on, so finer units elsewhere finish the job (a residual unit changes every
+    block at once); only if no other unit is left is it taken.  What is left under ``goal`` is then
+    filled again (:func:`_fill`, :func:`_swap_fill`).
+    """
     widths = {gid: st.width for gid, st in states.items()}
     scale = 1.0
     if normalize:
@@ -559,31 +613,139 @@ def _global(cm: CostModel, states: dict, target: str, goal: float, eta: float, t
         scale = 1.0 / total if total > 0 else 1.0
     use_lat = table is not None and eta != 0.0
     cost = cm.cost(target, widths, table)
+    blocked: dict[str, int] = {}  # groups whose next unit passed the goal by more than ``close``: gid -> that width
     while cost > goal:
         cands = []
         for gid, st in states.items():
             nxt = st.next_width()
-            if nxt is None:
+            if nxt is None or st.follows or gid in blocked:
                 continue
-            pri = _unit_score(st, nxt, states) * scale
+            pri = sum(_unit_score(states[k], nxt, states) for k in _moved(st)) * scale
             if use_lat:
-                pri -= eta * cm.latency_delta(widths, gid, nxt, table)
+                pri -= eta * _latency_delta(cm, widths, {k: nxt for k in _moved(st)}, table)
             cands.append((pri, gid, nxt))
         if not cands:
+            if not blocked:
+                break
+            # every unit left passes the goal by far: take the first one that did (cost only fell since)
+            gid, nxt = next(iter(blocked.items()))
+            for k in _moved(states[gid]):
+                states[k].width = widths[k] = nxt
+            cost = cm.cost(target, widths, table)
             break
         removed = 0
         for pri, gid, nxt in heapq.nsmallest(batch_units, cands):
             st = states[gid]
             if st.next_width() != nxt:
                 continue
-            st.width = widths[gid] = nxt
+            before = (cost, {k: widths[k] for k in _moved(st)})
+            for k in _moved(st):
+                states[k].width = widths[k] = nxt
             removed += 1
             cost = cm.cost(target, widths, table)
             if cost <= goal:
+                if cost < goal * (1 - close):  # a coarse unit (residual channels): undo, look for finer ones
+                    blocked[gid] = nxt
+                    cost = before[0]
+                    for k, w in before[1].items():
+                        states[k].width = widths[k] = w
                 break
         if removed == 0:
             break
+    if cost <= goal:
+        _fill(cm, states, widths, target, goal, table, scale)
+        _swap_fill(cm, states, widths, target, goal, table, scale)
     return widths
+
+
+def _moved(st: _GroupState) -> tuple[str, ...]:
+    """The groups one unit of ``st`` changes: itself and the group tied to it."""
+    return (st.g.id,) if st.tied is None else (st.g.id, st.tied)
+
+
+def _latency_delta(cm: CostModel, widths: Mapping[str, int], changes: Mapping[str, int], table: "LatencyTable") -> float:
+    """Lat(widths) - Lat(widths with ``changes``), over the ops the changed groups touch."""
+    if len(changes) == 1:
+        (gid, new), = changes.items()
+        return cm.latency_delta(widths, gid, new, table)
+    ops = sorted({i for gid in changes for i in cm._ops_of.get(gid, [])})
+    return cm.latency(widths, table, ops) - cm.latency({**widths, **changes}, table, ops)
+
+
+def _up_score(st: _GroupState, up: int, states: dict[str, _GroupState]) -> float:
+    """Score of the channels (or heads) that come back when ``st`` grows from its width to ``up``."""
+    lo, hi = st.g.size - up, st.g.size - st.width
+    if st.head_orders is not None:
+        hs = states.get(st.g.head_group)
+        heads = range(st.scores.shape[0]) if hs is None or hs.order is None else hs.order[hs.g.size - hs.width:]
+        return float(sum(st.scores[h, st.head_orders[h][lo:hi]].sum() for h in heads))
+    return float(st.scores[st.order[lo:hi]].sum())
+
+
+def _fill(cm: CostModel, states: dict[str, _GroupState], widths: dict[str, int], target: str, goal: float,
+          table: Optional["LatencyTable"], scale: float) -> None:
+    """Spend what the removal left under ``goal``: grow groups by their finest step (``round_to``
+    channels, one head, a tied q/k and v pair together), each time the step with the most score per
+    added cost that keeps the cost within ``goal``, until none fits.
+
+    Removal units (16 residual channels, 64 FFN channels when aligned) are coarse on small models;
+    without this the last one overshoots the target by several percent."""
+    cost = cm.cost(target, widths, table)
+    tiny = 1e-12 * max(goal, 1.0)
+    while True:
+        best = None
+        for gid, st in states.items():
+            up = st.up_width()
+            if up is None or st.follows:
+                continue
+            new = {k: up for k in _moved(st)}
+            c = cm.cost(target, {**widths, **new}, table)
+            if c > goal:
+                continue
+            gain = sum(_up_score(states[k], up, states) for k in new) * scale
+            ratio = gain / max(c - cost, tiny)
+            if best is None or ratio > best[0]:
+                best = (ratio, new, c)
+        if best is None:
+            return
+        for k, w in best[1].items():
+            states[k].width = widths[k] = w
+        cost = best[2]
+
+
+def _swap_fill(cm: CostModel, states: dict[str, _GroupState], widths: dict[str, int], target: str, goal: float,
+               table: Optional["LatencyTable"], scale: float, close: float = 0.005, rounds: int = 16) -> None:
+    """When no single step fits what is left (a residual channel step costs more), trade: grow one
+    group by its finest step and shrink another by its finest step, the pair that loses the least
+    score among those that raise the cost without passing ``goal``; then fill again.  Stops within
+    ``close`` of ``goal`` (relative), or when no trade raises the cost."""
+    cost = cm.cost(target, widths, table)
+    leaders = [st for st in states.values() if not st.follows]
+    for _ in range(rounds):
+        if cost >= goal * (1 - close):
+            return
+        ups = [(st, st.up_width()) for st in leaders]
+        downs = [(st, st.down_width()) for st in leaders]
+        ups = [(st, w, sum(_up_score(states[k], w, states) for k in _moved(st))) for st, w in ups if w is not None]
+        downs = [(st, w, sum(_unit_score(states[k], w, states) for k in _moved(st))) for st, w in downs if w is not None]
+        best = None
+        for a, wa, gain in ups:
+            for b, wb, loss in downs:
+                if a is b:
+                    continue
+                new = {**{k: wa for k in _moved(a)}, **{k: wb for k in _moved(b)}}
+                c = cm.cost(target, {**widths, **new}, table)
+                if not cost < c <= goal:
+                    continue
+                net = (gain - loss) * scale
+                if best is None or net > best[0]:
+                    best = (net, new, c)
+        if best is None:
+            return
+        for k, w in best[1].items():
+            states[k].width = widths[k] = w
+        _fill(cm, states, widths, target, goal, table, scale)
+        cost = cm.cost(target, widths, table)
 
 
 def _to_plan(analysis: "Analysis", states: dict[str, _GroupState]) -> Plan:
