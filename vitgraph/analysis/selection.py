@@ -19,6 +19,8 @@ def layout_coords(store: AxisStore, layout: Layout) -> tuple[int, dict[int, np.n
     off = 0
     for blk in layout:
         n = store.block_size(blk)
+        if n == 0:  # a zero-length part (no register tokens): no positions to place
+            continue
         flat = np.arange(n)
         stride = n
         for f in blk:
