@@ -8,7 +8,7 @@ from vitgraph.analysis.engine import Analysis, ChannelGroup, FrozenChannels, ana
 from vitgraph.api import compress, mask
 from vitgraph.artifact import load, save
 from vitgraph.deploy.export import export_onnx
-from vitgraph.errors import AnalysisError, ExportError, PlanError, ScoreError, TraceError, VitgraphError
+from vitgraph.errors import AnalysisError, CompressionMismatchError, ExportError, PlanError, ScoreError, TraceError, VitgraphError
 from vitgraph.planning.latency import LatencyTable
 from vitgraph.planning.plan import Plan
 from vitgraph.planning.planner import CostModel
@@ -16,10 +16,12 @@ from vitgraph.targets import plan_to_target
 from vitgraph.analysis.ops import register_rule
 from vitgraph.score import Scores, score
 from vitgraph.prune import PruneResult, prune
+from vitgraph.verify import verify_compressed
 
 __all__ = [
     "Analysis", "ChannelGroup", "CostModel", "FrozenChannels", "LatencyTable", "Plan", "plan_to_target", "analyze", "compress", "mask",
     "register_rule", "export_onnx", "load", "save", "score", "Scores", "prune", "PruneResult", "sparsify_24", "merge_heads", "head_merge_plan", "TraceError", "PlanError", "ScoreError", "AnalysisError", "ExportError", "VitgraphError",
+    "verify_compressed", "CompressionMismatchError",
 ]
 __version__ = "0.1.0"
 

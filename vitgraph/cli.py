@@ -168,6 +168,11 @@ def cmd_compress(a: argparse.Namespace) -> int:
             plan = Plan.from_scores(an, ratio=ratio, kinds=kinds, round_to=a.round_to)
     with step("compressing"):
         slim = compress(model, plan, an)
+    if a.check:  # never write a model that differs from the masked one where masking is exact
+        from vitgraph.verify import verify_compressed
+
+        with step("checking compressed == masked on the example input"):
+            verify_compressed(model, slim, plan, an, (x,))
     if source is not None:
         saved = artifact.save(out, slim, plan, source)
         files = f"{artifact.SOURCE_FILE}, {artifact.PLAN_FILE}, {artifact.WEIGHTS_FILE}, model.onnx"
@@ -351,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--round-to", type=int, default=1, help="round kept channel counts to this multiple")
     s.add_argument("--reps", type=int, default=10, help="latency repetitions per round")
     s.add_argument("--out", required=True, help="output directory")
+    s.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip checking the compressed model against the masked model on the example input")
     s.set_defaults(fn=cmd_compress)
     s = model_cmd("prune", "score, plan to a target, compress, fine-tune with distillation, export and report")
     s.add_argument("--data", required=True, metavar="DIR", help="training images in ImageFolder layout (DIR/<class>/<image>)")

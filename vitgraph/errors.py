@@ -23,3 +23,11 @@ class ExportError(VitgraphError, RuntimeError):
 
 class ScoreError(VitgraphError, ValueError):
     """Scoring was asked for something it cannot do (no data, an unknown method or group)."""
+
+
+class CompressionMismatchError(VitgraphError, RuntimeError):
+    """A compressed model differs from the masked model where masking is exact (a vitgraph bug)."""
+
+    def __init__(self, message: str, group: str = "", op: "str | None" = None) -> None:
+        super().__init__(message)
+        self.group, self.op = group, op
