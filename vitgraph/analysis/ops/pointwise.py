@@ -60,11 +60,27 @@ def pointwise(ctx: RuleContext, node: fx.Node) -> Any:
     if not ops or shp is None or (shp and isinstance(shp[0], tuple)):
         return None if not ops else no_rule(ctx, node)
     live = [td for td in ops if td.live]
+    joined = _joined_dims(ctx, live, len(shp)) if lookup_op(ctx.gm, node).residual_add and len(live) >= 2 else set()
     td = broadcast(ctx, ops, shp, "elementwise")
-    if lookup_op(ctx.gm, node).residual_add and len(live) >= 2:
-        for lay in td.dims:
-            ctx.role(lay, "add")
+    for i in joined:
+        ctx.role(td.dims[i], "add")
     return td
+
+
+def _joined_dims(ctx: RuleContext, live: list[TensorDims], nd: int) -> set[int]:
+    """Output dims where an add joins two streams: its live operands' channels there were not yet
+    tied.  ``h + g(h)`` with ``g`` element-wise (a channel norm's skip inside an MLP) adds the same
+    channels to themselves and starts no residual stream."""
+    out = set()
+    for i in range(nd):
+        seen = set()
+        for td in live:
+            j = i - (nd - len(td.shape))
+            if j >= 0 and td.dims[j] is not None:
+                seen.add(ctx.store.expand(td.dims[j]))
+        if len(seen) >= 2:
+            out.add(i)
+    return out
 
 
 def softmax_rule(ctx: RuleContext, node: fx.Node) -> Any:

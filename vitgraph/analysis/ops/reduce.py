@@ -18,7 +18,8 @@ from vitgraph.analysis.ops.registry import ELTWISE, FREE
 # Reductions whose value over a channel dim is the same whether removed channels are zero or
 # absent (a sum, a p-norm); every other reduction (mean, max, std, logsumexp, ...) depends on how
 # many channels there are or on the zeros themselves, like a LayerNorm's statistics.
-_ZERO_EXACT = {"sum", torch.sum, "nansum", "norm"}
+_NORMS = ("norm", torch.norm, torch.linalg.vector_norm)  # (x, p, dim, ...): dim is the third argument
+_ZERO_EXACT = {"sum", torch.sum, "nansum", *_NORMS}
 
 
 def reduce_rule(ctx: RuleContext, node: fx.Node) -> Any:
@@ -49,7 +50,7 @@ def _reads_indices(node: fx.Node) -> bool:
 
 
 def _reduced_dims(td: TensorDims, shp: tuple, node: fx.Node) -> set[int]:
-    dim = arg(node, 2, "dim", None) if node.target == "norm" else arg(node, 1, "dim", None)  # x.norm(p, dim)
+    dim = arg(node, 2, "dim", None) if node.target in _NORMS else arg(node, 1, "dim", None)
     n = len(td.shape)
     if dim is None or not isinstance(dim, (int, list, tuple)):
         return set(range(n)) if len(shp) < n or dim is None else set()
@@ -95,5 +96,6 @@ def scalar_rule(ctx: RuleContext, node: fx.Node) -> Any:
 # ---------------------------------------------------------------------------------------------
 # declarations
 
-declare("mean", torch.mean, "sum", torch.sum, "amax", torch.amax, "amin", "std", "var", "norm", "logsumexp", "max", "min", torch.max, torch.min, rule=reduce_rule, cost=ELTWISE)
+declare("mean", torch.mean, "sum", torch.sum, "amax", torch.amax, "amin", "std", "var", "norm", "logsumexp", "max", "min", torch.max, torch.min,
+        torch.norm, torch.linalg.vector_norm, "nansum", rule=reduce_rule, cost=ELTWISE)
 declare(builtins.getattr, "size", "dim", "numel", builtins.len, math.sqrt, int, float, rule=scalar_rule, cost=FREE)
