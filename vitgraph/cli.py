@@ -17,6 +17,8 @@ from vitgraph import artifact
 from vitgraph.models import load_model_and_source, parse_model_args
 
 SPARSITY_FILE = artifact.SPARSITY_FILE
+ALIGN_HELP = ("kernels: widths fused GPU kernels run fast (equal q/k and v head dims, multiples of 8, at least 16; "
+              "FFN and residual widths in multiples of 64)")
 
 
 @contextlib.contextmanager
@@ -103,11 +105,11 @@ def _score(a: argparse.Namespace) -> int:
     print(f"wrote scores of {len(s)} groups to {a.out}")
     if a.plan:
         if a.method == "threshold":
-            plan = Plan.from_scores(an, s, ratio=None)
+            plan = Plan.from_scores(an, s, ratio=None, round_to=a.round_to if a.align else 1, align=a.align)
         else:
             kind, _, frac = a.target.partition(":")
             plan = plan_to_target(an, s, target=kind, fraction=float(frac), round_to=a.round_to,
-                                  normalize=a.method == "magnitude")
+                                  normalize=a.method == "magnitude", align=a.align)
         Path(a.plan).write_text(plan.to_json())
         print(plan.summary(an))
         print(f"wrote plan to {a.plan}")
@@ -145,6 +147,9 @@ def cmd_compress(a: argparse.Namespace) -> int:
     if a.plan is not None and (a.ratio is not None or a.kinds is not None):
         raise VitgraphError("--plan applies a saved plan as it is: leave out --ratio and --kinds")
     saved_plan = read_plan_file(a.plan, "--plan") if a.plan is not None else None
+    if saved_plan is not None and a.align:
+        raise VitgraphError("--plan applies a saved plan as it is: align it when planning (vitgraph score --plan "
+                            "... --align kernels), leave out --align")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     model, x, source = _load(a)
@@ -165,7 +170,7 @@ def cmd_compress(a: argparse.Namespace) -> int:
         with step("analyzing"):
             an = analyze(model, x, prune_outputs=a.prune_outputs)
         with step("planning (magnitude scores)"):
-            plan = Plan.from_scores(an, ratio=ratio, kinds=kinds, round_to=a.round_to)
+            plan = Plan.from_scores(an, ratio=ratio, kinds=kinds, round_to=a.round_to, align=a.align)
     with step("compressing"):
         slim = compress(model, plan, an)
     if a.check:  # never write a model that differs from the masked one where masking is exact
@@ -285,7 +290,8 @@ def _prune(a: argparse.Namespace) -> int:
     r = prune(model, train, val, method=a.method, target=a.target, finetune_epochs=a.finetune_epochs,
               out=a.out, source=source, example_input=x, runtime=a.runtime, round_to=a.round_to,
               score_batches=a.score_batches, lr=a.lr, preprocess=recipe, reps=a.reps,
-              prune_outputs=a.prune_outputs, int8=a.int8, schedule=a.schedule, steps=a.steps, resume=a.resume)
+              prune_outputs=a.prune_outputs, int8=a.int8, schedule=a.schedule, steps=a.steps, resume=a.resume,
+              **({"align": a.align} if a.align else {}))
     if rank() == 0:
         print()
         print(r.table())
@@ -346,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--target", default="flops:0.5",
                    help="flops|params:FRACTION kept (default flops:0.5); threshold learns toward it")
     s.add_argument("--round-to", type=int, default=8, help="round kept channel counts to this multiple")
+    s.add_argument("--align", choices=["kernels"], default=None, help=ALIGN_HELP)
     s.set_defaults(fn=cmd_score)
     s = model_cmd("compress", "prune by magnitude (or apply a saved plan), write plan, slim model and ONNX")
     s.add_argument("--ratio", type=float, default=None, help="fraction of each selected group removed (default 0.5)")
@@ -354,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--plan", metavar="FILE", help="apply this saved plan (JSON, e.g. from vitgraph score --plan) "
                    "instead of planning by magnitude")
     s.add_argument("--round-to", type=int, default=1, help="round kept channel counts to this multiple")
+    s.add_argument("--align", choices=["kernels"], default=None, help=ALIGN_HELP)
     s.add_argument("--reps", type=int, default=10, help="latency repetitions per round")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--no-check", dest="check", action="store_false",
@@ -383,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true",
                    help="continue an interrupted run in --out from its last finished step (same arguments)")
     s.add_argument("--reps", type=int, default=10, help="latency repetitions per round")
+    s.add_argument("--align", choices=["kernels"], default=None, help=ALIGN_HELP)
     s.add_argument("--out", required=True, help="output directory")
     s.set_defaults(fn=cmd_prune)
     s = model_cmd("sparsify", "apply the 2:4 pattern to Linear weights and write a reloadable result")

@@ -222,6 +222,7 @@ def prune(
     steps: int = 1,
     resume: bool = False,
     amp: Optional[bool] = None,
+    align: Optional[str] = None,
 ) -> PruneResult:
     """Prune ``model`` to ``target``, fine-tune it with distillation from itself, and report.
 
@@ -236,7 +237,8 @@ def prune(
     ``schedule="iterative"`` with ``steps=K`` prunes in K rounds (NViT's schedule): round k keeps
     ``F ** (k / K)`` of the dense cost, re-scoring the model the round before left, and the
     fine-tuning budget (``finetune_epochs`` epochs of steps) is shared out evenly after the
-    rounds.  ``"oneshot"`` is one round with all the fine-tuning after it.  ``amp`` fine-tunes
+    rounds.  ``"oneshot"`` is one round with all the fine-tuning after it.  ``align="kernels"`` plans
+    widths fused GPU kernels run fast (:func:`vitgraph.plan_to_target`'s ``align``).  ``amp`` fine-tunes
     under bfloat16 autocast (default: on CUDA).
 
     ``out`` writes the result directory and needs ``source`` (the
@@ -272,6 +274,8 @@ def prune(
         raise VitgraphError(f"schedule must be one of {'|'.join(SCHEDULES)}, got {schedule!r}")
     if schedule == "oneshot" and steps != 1:
         raise VitgraphError(f"steps={steps} prunes in rounds and needs schedule='iterative' (--schedule iterative)")
+    if align is not None and align not in ("kernels",):
+        raise VitgraphError(f"align must be 'kernels' or None, got {align!r}")
     if int8 and out is None:
         raise VitgraphError("int8=True writes model.int8.onnx and needs out=")
     if out is not None and source is None:
@@ -296,7 +300,7 @@ def prune(
               "finetune_epochs": finetune_epochs, "lr": lr, "alpha": alpha, "round_to": round_to,
               "score_batches": score_batches, "prune_outputs": prune_outputs, "input": list(x.shape),
               "runtime": runtime if kind == "latency" else None,
-              "source": source.to_dict() if source is not None else None}
+              "source": source.to_dict() if source is not None else None} | ({"align": align} if align else {})
     journal = Journal(out, config, resume=resume, writer=rank() == 0)
     if journal.finished is not None:
         return _finished(journal, Path(out), method, (kind, fraction))
@@ -309,6 +313,7 @@ def prune(
             m.cpu()
 
     run = _Run(model, proxy, x, dev, journal, method, kind, prune_outputs, round_to, runtime, progress)
+    run.align = align
     dense_top1 = journal.run("dense", lambda: {"top1": top1(model, "dense top-1")})["top1"]
     run.dense_cost = (_params(model), _flops(model, x))
     chain, current, plan, an = source, model, None, None
@@ -361,6 +366,7 @@ class _Run:
         self.runtime, self.progress = runtime, progress
         self.dense_cost = (0, 0)
         self.dense_groups: list = []
+        self.align: Optional[str] = None
 
     def plan_round(self, k: int, current: nn.Module, goal: float, last_goal: float) -> tuple[Any, Any]:
         """Round ``k``'s analysis of ``current`` and its plan toward ``goal`` of the dense cost."""
@@ -384,7 +390,7 @@ class _Run:
         rel = min(goal / reached, 1.0)
         scores = self._scores(k, current, an, rel)
         if self.method == "threshold":
-            plan = Plan.from_scores(an, scores, ratio=None)
+            plan = Plan.from_scores(an, scores, ratio=None, round_to=self.round_to if self.align else 1, align=self.align)
         else:
             from vitgraph.targets import plan_to_target
 
@@ -395,7 +401,7 @@ class _Run:
                 table = LatencyTable(self.runtime, batch=1)
             plan = plan_to_target(an, scores, target=self.kind, fraction=rel, round_to=self.round_to,
                                   normalize=self.method == "magnitude", latency_table=table,
-                                  calibrate=self.kind == "latency")
+                                  calibrate=self.kind == "latency", align=self.align)
         self.journal.record(f"round{k}.plan", {"plan": plan.to_json(indent=None), "fraction": rel})
         return an, plan
 

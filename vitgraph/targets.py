@@ -43,6 +43,7 @@ def plan_to_target(
     calibrate_rounds: int = 4,
     calibrate_tol: float = 0.02,
     history: Optional[list] = None,
+    align: Optional[str] = None,
 ) -> Plan:
     """A plan whose ``target`` cost is at most ``fraction`` of the dense model's.
 
@@ -51,9 +52,11 @@ def plan_to_target(
     table's runtime and corrects the planning fraction by secant steps (at most
     ``calibrate_rounds`` measurements), returning the plan measured closest to the target (within
     ``calibrate_tol`` of it stops early).  ``history`` (a list) receives one dict per round.
+    ``align="kernels"`` keeps widths fused GPU kernels run fast (equal q/k and v head dims, multiples
+    of 8, at least 16; FFN and residual widths in multiples of 64; :mod:`vitgraph.planning.align`).
     """
     opts = dict(eta=eta, latency_table=latency_table, unit=unit, min_width=min_width, round_to=round_to,
-                kinds=kinds, mode=mode, normalize=normalize, batch_units=batch_units)
+                kinds=kinds, mode=mode, normalize=normalize, batch_units=batch_units, align=align)
     if not (calibrate and target == "latency"):
         return planner.plan_to_target(analysis, scores, target, fraction, history=history, **opts)
     args = planner.planning_args(analysis, scores, target, fraction, **opts)

@@ -100,6 +100,7 @@ class Plan:
         kinds: Optional[Iterable[str]] = None,
         round_to: int = 1,
         min_keep: int = 1,
+        align: Optional[str] = None,
     ) -> "Plan":
         """Keep the highest-scoring units of each selected group, removing ``ratio`` of each.
 
@@ -107,8 +108,11 @@ class Plan:
         ``qk``/``v`` groups); a missing or ``None`` entry means magnitude.  Kept channel counts are
         rounded to multiples of ``round_to`` (not for heads) and never fall below ``min_keep``.
         ``ratio=None`` takes each group's kept count from ``scores.keep`` (scores from a method
-        that learns widths, such as ``vitgraph.score(..., "threshold")``).
+        that learns widths, such as ``vitgraph.score(..., "threshold")``).  ``align="kernels"``
+        moves each count to the nearest one fused GPU kernels run fast (:mod:`vitgraph.planning.align`:
+        equal q/k and v head dims in multiples of 8, at least 16; FFN and residual in multiples of 64).
         """
+        from vitgraph.planning.align import check_align
         _check_analysis(analysis)
         if scores is not None and not isinstance(scores, Mapping):
             raise PlanError(f"scores must map group ids to score tensors, got {type(scores).__name__}")
@@ -120,6 +124,7 @@ class Plan:
         for name, v in (("round_to", round_to), ("min_keep", min_keep)):
             if not _is_int(v) or v < 1:
                 raise PlanError(f"{name} must be an integer >= 1, got {type(v).__name__} {v!r}")
+        check_align(align)
         ids = _ids(analysis)
         unknown = sorted(str(k) for k in (scores or {}) if k not in ids)
         if unknown:
@@ -142,17 +147,21 @@ class Plan:
 
             scores.update(magnitude_scores(analysis, missing))
         plan = cls.keep_all(analysis)
+        counts: dict[str, int] = {}
         for g in analysis.groups:
             if g.kind not in kinds:
                 continue
             if learned:
                 if g.id not in learned:
                     continue
-                n = int(min(g.size, max(1, min_keep, learned[g.id])))
+                counts[g.id] = int(min(g.size, max(1, min_keep, learned[g.id])))
             else:
-                n = _target_count(g.size, ratio, 1 if g.kind == "head" else int(round_to), int(min_keep))
-            s = _score_tensor(g, scores[g.id], analysis)
-            plan.kept[g.id] = _top(s, n, g.per_head)
+                counts[g.id] = _target_count(g.size, ratio, 1 if g.kind == "head" else int(round_to), int(min_keep))
+        if align is not None:
+            counts = _aligned_counts(analysis, counts, int(round_to), int(min_keep), align)
+        for gid, n in counts.items():
+            g = analysis.group(gid)
+            plan.kept[g.id] = _top(_score_tensor(g, scores[g.id], analysis), n, g.per_head)
         return plan
 
     # -- checks -------------------------------------------------------------------------------
@@ -282,6 +291,23 @@ def _target_count(size: int, ratio: float, round_to: int, min_keep: int) -> int:
     if round_to > 1:
         n = max(round_to, round(n / round_to) * round_to)
     return int(min(size, max(1, min_keep, round(n))))
+
+
+def _aligned_counts(analysis: "Analysis", counts: dict[str, int], round_to: int, min_keep: int,
+                    align: str) -> dict[str, int]:
+    """``counts`` moved to the nearest the alignment allows; each attention's q/k and v keep the
+    smaller of their two counts (both dense where only one of them is planned)."""
+    from vitgraph.planning.align import aligned_count, attention_pairs
+
+    out = {gid: aligned_count(analysis.group(gid), n, round_to, min_keep, align) for gid, n in counts.items()}
+    for qk, v in attention_pairs(analysis).values():
+        pair = [g for g in (qk, v) if g is not None and g.id in out]
+        if len(pair) == 2 and qk.size == v.size:
+            out[qk.id] = out[v.id] = min(out[qk.id], out[v.id])
+        else:
+            for g in pair:
+                out[g.id] = g.size
+    return out
 
 
 def _top(scores: torch.Tensor, n: int, per_head: bool) -> Keep:

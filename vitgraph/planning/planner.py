@@ -601,7 +601,7 @@ def _global(cm: CostModel, states: dict, target: str, goal: float, eta: float, t
 
     A unit that would land more than ``close`` (relative) under ``goal`` is put back and its group
     left alone from then on, so finer units elsewhere finish the job (a residual unit changes every
-    block at once); only if no other unit is left is it taken.  What is left under ``goal`` is then
+    block at once); when none is left, the put-back unit that lands closest under ``goal`` is taken.  What is left under ``goal`` is then
     filled again (:func:`_fill`, :func:`_swap_fill`).
     """
     widths = {gid: st.width for gid, st in states.items()}
@@ -627,11 +627,13 @@ def _global(cm: CostModel, states: dict, target: str, goal: float, eta: float, t
         if not cands:
             if not blocked:
                 break
-            # every unit left passes the goal by far: take the first one that did (cost only fell since)
-            gid, nxt = next(iter(blocked.items()))
+            # every unit left passes the goal by far: take the one that lands closest under it
+            # (each did land under it when tried, and the cost has only fallen since)
+            landings = [(cm.cost(target, {**widths, **{k: nxt for k in _moved(states[gid])}}, table), gid, nxt)
+                        for gid, nxt in blocked.items()]
+            cost, gid, nxt = max(landings)
             for k in _moved(states[gid]):
                 states[k].width = widths[k] = nxt
-            cost = cm.cost(target, widths, table)
             break
         removed = 0
         for pri, gid, nxt in heapq.nsmallest(batch_units, cands):
