@@ -99,6 +99,76 @@ def test_params_target_reached_and_plan_matches_budget(vit3):
         assert g.kind == "head" or k % 8 == 0 or k == g.size, (gid, k)
 
 
+def _templates(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8x8 one-channel images of 10 classes: a class's random 2x2 template tiled, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 10, (n,), generator=g)
+    t = torch.randn(10, 2, 2, generator=torch.Generator().manual_seed(0))
+    return t[y].repeat(1, 4, 4).unsqueeze(1) + 0.5 * torch.randn(n, 1, 8, 8, generator=g), y
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny ViT trained to ~98% on the template task, its analysis, the training batches and a test set."""
+    m = tiny_vit(img_size=8, patch_size=2, in_chans=1, depth=2, embed_dim=32, num_heads=2, mlp_ratio=4.0)
+    x, y = _templates(1024, 0)
+    data = [(x[i:i + 64], y[i:i + 64]) for i in range(0, len(x), 64)]
+    opt = torch.optim.Adam(m.parameters(), 3e-3)
+    m.train()
+    for _ in range(4):
+        for xb, yb in data:
+            loss = torch.nn.functional.cross_entropy(m(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    m.eval()
+    xt, yt = _templates(500, 1)
+    return m, vitgraph.analyze(m, xt[:1]), data, (xt, yt)
+
+
+def _acc(m, xt, yt) -> float:
+    with torch.no_grad():
+        return float((m(xt).argmax(-1) == yt).float().mean())
+
+
+def test_learned_widths_land_at_flops_target_and_keep_accuracy(trained):
+    # the pass before the fix: the multipliers wound up while sigmoid thresholds lagged, then the
+    # widths fell to 0.19-0.33 of the FLOPs on this task (and to 0.17 on criteria.py's digits ViT)
+    m, an, data, (xt, yt) = trained
+    dense = _acc(m, xt, yt)
+    assert dense > 0.9
+    res = learn_thresholds(m, an, data, target=0.5, budget="flops", steps=60, log_every=10)
+    plan = vitgraph.Plan.from_scores(an, vitgraph.Scores(res.scores, "threshold", keep=res.keep), ratio=None)
+    slim = vitgraph.compress(m, plan)
+    with torch.no_grad():  # the widths the library plans are the ones learned
+        assert torch.equal(slim(xt), vitgraph.compress(m, res.plan(an))(xt))
+    x1 = xt[:1]
+    flops = count_flops(slim, x1) / count_flops(m, x1)
+    assert flops == pytest.approx(res.budget, abs=1e-6)
+    assert 0.47 <= flops <= 0.5  # calibrated: the largest budget not above the target
+    assert res.learned_budget is not None and 0.2 < res.learned_budget < 0.8
+    assert _acc(slim, xt, yt) >= dense - 0.05  # chance is 0.1
+    goals = [h["goal"] for h in res.history]
+    assert goals[0] == pytest.approx(1.0) and goals == sorted(goals, reverse=True) and goals[-1] == pytest.approx(0.5)
+
+
+def test_distillation_and_trained_weights(trained):
+    m, an, data, (xt, yt) = trained
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    res = learn_thresholds(m, an, data, target=0.5, budget="flops", steps=30, train_weights=True, log_every=0)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())  # the model is untouched
+    changed = [k for k, v in res.weights.items() if not torch.equal(v, before[k])]
+    assert changed
+    tuned = copy.deepcopy(m)
+    tuned.load_state_dict(res.weights, strict=False)
+    slim = vitgraph.compress(tuned, res.plan(vitgraph.analyze(tuned, xt[:1])))
+    assert _acc(slim, xt, yt) > 0.8
+    with pytest.raises(ValueError, match="distill"):
+        learn_thresholds(m, an, data, distill=-1.0)
+    with pytest.raises(ValueError, match="warmup"):
+        learn_thresholds(m, an, data, warmup=2.0)
+
+
 def test_flops_budget_matches_measured_flops(vit3):
     m, an = vit3
     x = torch.randn(2, 3, 32, 32)
