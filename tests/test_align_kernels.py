@@ -186,3 +186,37 @@ def test_prune_align_kernels():
     got = r.stages["fine-tuned"].flops / r.stages["dense"].flops
     assert 0.5 * (1 - TOL) <= got <= 0.5, got
     json.dumps(r.plan.kept)
+
+
+class FormulaTable(vitgraph.LatencyTable):
+    """A latency table whose 'measurements' are a FLOP formula plus a launch cost (deterministic, instant)."""
+
+    def __init__(self) -> None:
+        super().__init__("torch-cpu", batch=1, cache_dir=False)
+        self.path = None
+
+    def _measure(self, family, dims):
+        if family == "linear":
+            m, k, n = dims
+            return 1e-6 * m * k * n + 0.01
+        if family == "bmm":
+            b, m, k, n = dims
+            return 1e-6 * b * m * k * n + 0.01
+        if family == "sdpa":
+            b, lq, s, e, ev = dims
+            return 1e-6 * b * lq * s * (e + ev) + 0.01
+        return 1e-7 * dims[0]
+
+
+@pytest.mark.parametrize("align", [None, "kernels"])
+def test_predicted_latency_target_lands_within_2pct(align):
+    model, x = _deit_tiny()
+    an = vitgraph.analyze(model, x)
+    table, cm = FormulaTable(), CostModel(an)
+    dense = cm.latency({}, table)
+    for fraction in (0.3, 0.5, 0.7):
+        plan = plan_to_target(an, target="latency", fraction=fraction, round_to=8, latency_table=table, align=align)
+        got = cm.latency({g.id: kept(plan, g) for g in an.groups}, table) / dense
+        assert fraction * (1 - TOL) <= got <= fraction * (1 + 1e-9), (fraction, got)
+        if align:
+            assert_kernel_widths(an, plan)

@@ -4,8 +4,8 @@
 per-head widths that are multiples of 8 and at least 16 (fused attention kernels, FlashAttention
 and cuDNN, take one head dim for q, k and v, in multiples of 8), FFN and residual widths that are
 multiples of 64 (tensor-core GEMM tiles), and other channel groups in multiples of 8.  A group
-whose dense width is below the minimum, or that cannot meet the rules, keeps its full width (the
-dense model is what it is).  An attention's q/k and v groups are found by their shared ``head``
+whose dense width is below the minimum, or that cannot meet the rules (an attention designed with
+unequal q/k and v head dims, as LeViT's), keeps its full width (the dense model is what it is).  An attention's q/k and v groups are found by their shared ``head``
 group (``ChannelGroup.head_group``), never by names.
 """
 from __future__ import annotations
@@ -88,10 +88,12 @@ def kernel_violations(analysis: "Analysis", plan: "Plan") -> list[str]:
         lo = KERNEL_MIN.get(g.kind, 1)
         if n % r or n < lo:
             bad.append(f"{g.id} ({g.kind}) keeps {n} of {g.size}: not a multiple of {r} of at least {lo}")
+        elif g.kind in ("qk", "v") and g.head_group is None:
+            bad.append(f"{g.id} ({g.kind}) keeps {n} of {g.size} but belongs to no attention to match")
     for h, (qk, v) in attention_pairs(analysis).items():
         nq = kept(qk) if qk is not None else None
         nv = kept(v) if v is not None else None
-        if nq is not None and nv is not None and nq != nv:
+        if nq is not None and nv is not None and nq != nv and (nq, nv) != (qk.size, v.size):
             bad.append(f"attention of {h}: q/k keeps {nq} dims per head, v keeps {nv}")
         for g, n in ((qk, nq), (v, nv)):
             if g is not None and (qk is None or v is None) and n != g.size:

@@ -300,6 +300,10 @@ def _aligned_counts(analysis: "Analysis", counts: dict[str, int], round_to: int,
     from vitgraph.planning.align import aligned_count, attention_pairs
 
     out = {gid: aligned_count(analysis.group(gid), n, round_to, min_keep, align) for gid, n in counts.items()}
+    for gid in out:
+        g = analysis.group(gid)
+        if g.kind in PER_HEAD_KINDS and g.head_group is None:  # no attention to match it in
+            out[gid] = g.size
     for qk, v in attention_pairs(analysis).values():
         pair = [g for g in (qk, v) if g is not None and g.id in out]
         if len(pair) == 2 and qk.size == v.size:

@@ -495,7 +495,10 @@ def _states(cm: CostModel, scores: dict, unit: Mapping[str, int], min_width: Map
 
 def _tie_attention(analysis: "Analysis", states: dict[str, _GroupState]) -> None:
     """Each attention's v group follows its q/k group's width (both planned as one unit); a q/k or
-    v group whose partner is not planned keeps its full width."""
+    v group whose partner is not planned, or whose dense width differs from it, keeps its full width."""
+    for st in states.values():
+        if st.g.kind in ("qk", "v") and st.g.head_group is None:  # no attention to match it in
+            st.min_w = st.full
     for qk, v in _align.attention_pairs(analysis).values():
         a = states.get(qk.id) if qk is not None else None
         b = states.get(v.id) if v is not None else None
@@ -504,15 +507,10 @@ def _tie_attention(analysis: "Analysis", states: dict[str, _GroupState]) -> None
                 if st is not None:
                     st.min_w = st.full = st.g.size
             continue
-        full = a.g.size if a.g.size == b.g.size else (min(a.g.size, b.g.size) // a.round_to) * a.round_to
-        low = max(a.min_w, b.min_w)
-        if full < low:  # no width both can keep: the pair stays dense
-            a.min_w = a.full = a.g.size
-            b.min_w = b.full = b.g.size
-            a.step = b.step = max(a.step, b.step)
+        if a.g.size != b.g.size:  # designed with unequal head dims (LeViT): left as the dense model has them
+            a.min_w, b.min_w = a.full, b.full
             continue
-        a.full = b.full = full
-        a.min_w = b.min_w = low
+        a.min_w = b.min_w = max(a.min_w, b.min_w)
         a.step = b.step = max(a.step, b.step)
         a.tied, b.follows = b.g.id, True
 
