@@ -16,6 +16,20 @@ from vitgraph.analysis.ops.registry import declare
 from vitgraph.analysis.ops.common import arg, broadcast, no_rule, norm_dim, tensor_args
 from vitgraph.analysis.ops.rewriting import RewriteContext
 from vitgraph.analysis.ops.registry import ELTWISE, FREE
+from vitgraph.capture.tracer import VALUE_KEY
+
+
+def _static_slice(x: slice) -> Optional[slice]:
+    """``x`` with bounds the trace computed from sizes (``numel() // 3``) replaced by the values
+    they had; ``None`` when a bound is unknown."""
+    vals = []
+    for v in (x.start, x.stop, x.step):
+        if isinstance(v, fx.Node):
+            v = v.meta.get(VALUE_KEY)
+        if not isinstance(v, (int, type(None))) or isinstance(v, bool):
+            return None
+        vals.append(v)
+    return slice(*vals)
 
 
 def sections(ctx: RuleContext, lay: Layout, n: int) -> Optional[list[dict[int, int]]]:
@@ -218,7 +232,10 @@ def getitem_rule(ctx: RuleContext, node: fx.Node) -> Any:
         if isinstance(x, int):
             pending_select.append((dim, x))
         elif isinstance(x, slice):
-            start, stop, step = x.indices(size) if all(isinstance(v, (int, type(None))) for v in (x.start, x.stop, x.step)) else (None, None, None)
+            # bounds computed from sizes are read at their traced values where channels are sliced
+            # (channel counts are static; slimming writes the new bounds as constants)
+            sx = _static_slice(x) if lay is not None else x
+            start, stop, step = sx.indices(size) if sx is not None and all(isinstance(v, (int, type(None))) for v in (sx.start, sx.stop, sx.step)) else (None, None, None)
             if start == 0 and stop == size and step == 1:
                 dims.append(lay)
             elif lay is None:
@@ -350,9 +367,10 @@ def rewrite_getitem(rc: RewriteContext, node: fx.Node) -> None:
             out.append(it)
             continue
         lay = x.dims[dim]
-        if isinstance(it, slice) and lay is not None and all(isinstance(v, (int, type(None))) for v in (it.start, it.stop, it.step)):
+        if isinstance(it, slice) and lay is not None and _static_slice(it) is not None:
             kept = rc.sel.kept(lay)
             if len(kept) != x.shape[dim]:
+                it = _static_slice(it)  # bounds from sizes become constants of the new widths
                 start, stop, step = it.indices(x.shape[dim])
                 if step == 1:  # an open end stays open: the dim may also hold the (dynamic) batch
                     it = slice(int(np.searchsorted(kept, start)) if start > 0 else it.start,
