@@ -64,10 +64,12 @@ def _trace_once(model: nn.Module, honour_timm: bool, n_inputs: int = 1,
     except Exception as e:  # noqa: BLE001 - every tracing failure becomes one typed error
         where = tracer.failed_in or "<root>"
         mod = model.get_submodule(where) if where not in ("", "<root>") else model
-        raise TraceError(
+        err = TraceError(
             f"cannot trace module '{where or '<root>'}' ({type(mod).__name__}): "
             f"{type(e).__name__}: {e} -- at {_user_frame(e)}"
-        ) from e
+        )
+        err.module = where if where not in ("", "<root>") else None  # the failing submodule's path
+        raise err from e
 
 
 def _input_pairs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -86,18 +88,49 @@ def _input_pairs(model: nn.Module, inputs: Sequence[torch.Tensor]) -> dict[str, 
 
 # how the graph was captured, tried in this order (``Analysis.front_end`` says which one worked)
 FRONT_ENDS = ("symbolic", "symbolic, timm's not-traceable modules opaque", "meta-value proxies",
-              "meta-value proxies, dtypes symbolic")
+              "meta-value proxies, dtypes symbolic", "symbolic, failing submodules traced with meta values")
 FRONT_END_KEY = "vitgraph.front_end"
+MAX_OPAQUE_SUBMODULES = 16  # submodules the last front end may set aside before it gives up
+
+
+def _with_leaves(paths: frozenset[str]) -> type:
+    """A tracer that keeps the submodules at ``paths`` opaque (``trace`` inlines them afterwards
+    with the meta values shape propagation gives their inputs)."""
+
+    class SubmoduleLeaves(ViTTracer):
+        def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+            return qualname in paths or super().is_leaf_module(m, qualname)
+
+    return SubmoduleLeaves
+
+
+def _trace_setting_aside(model: nn.Module, n: int) -> fx.GraphModule:
+    """Symbolic tracing in which each submodule that fails is kept opaque and tracing retried:
+    the meta-value fallback at the module where it is needed (whose Python control flow reads
+    static values the proxies of the whole model cannot carry), not only at the root."""
+    paths: frozenset[str] = frozenset()
+    while True:
+        try:
+            return _trace_once(model, honour_timm=False, n_inputs=n, tracer_cls=_with_leaves(paths))
+        except TraceError as e:
+            where = getattr(e, "module", None)
+            if not where or where in paths or len(paths) >= MAX_OPAQUE_SUBMODULES:
+                raise
+            paths = paths | {where}
 
 
 def _capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.GraphModule:
     n = len(example_inputs)
     tries = ((False, None, ViTTracer), (True, None, ViTTracer), (False, example_inputs, InlineTracer),
-             (False, example_inputs, LooseInlineTracer))
+             (False, example_inputs, LooseInlineTracer), None)
     failures: list[tuple[str, TraceError]] = []
-    for name, (honour, shaped, cls) in zip(FRONT_ENDS, tries):
+    for name, how in zip(FRONT_ENDS, tries):
         try:
-            gm = _trace_once(model, honour_timm=honour, n_inputs=n, shaped=shaped, tracer_cls=cls)
+            if how is None:
+                gm = _trace_setting_aside(model, n)
+            else:
+                honour, shaped, cls = how
+                gm = _trace_once(model, honour_timm=honour, n_inputs=n, shaped=shaped, tracer_cls=cls)
         except TraceError as e:
             failures.append((name, e))
             continue
@@ -163,7 +196,10 @@ def _probe_batch_values(gm: fx.GraphModule, example_inputs: Sequence[torch.Tenso
     grown = [torch.cat([t, t[:1]]) if t.dim() > 0 else t for t in example_inputs]
     try:
         with torch.no_grad():
-            MetaShapeProp(gm).run(*(t.to("meta") for t in grown))
+            try:
+                MetaShapeProp(gm).run(*(t.to("meta") for t in grown))
+            except Exception:  # noqa: BLE001 - an op without a meta kernel: run it for real
+                RealShapeProp(gm).run(*grown)
     except Exception:  # noqa: BLE001
         for n in first:
             n.meta.pop(VALUE_KEY, None)
