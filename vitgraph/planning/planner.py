@@ -352,7 +352,6 @@ class _GroupState:
     order: Optional[np.ndarray] = None  # 1-D: channels by ascending score
     head_orders: Optional[np.ndarray] = None  # per-head qk/v: [heads, dims] ascending per head
     scores: Optional[np.ndarray] = None
-    full: int = -1  # the width planning starts from (the group's size unless tied to a narrower one)
     tied: Optional[str] = None  # a group that keeps the same width (a v group with its q/k group)
     follows: bool = False  # the width is set by the group that ties it
 
@@ -363,9 +362,9 @@ class _GroupState:
 
     def up_width(self) -> Optional[int]:
         """Kept count after adding back the finest allowed step (None when full)."""
-        if self.width >= self.full:
+        if self.width >= self.g.size:
             return None
-        return min(self.full, (self.width // self.round_to + 1) * self.round_to)
+        return min(self.g.size, (self.width // self.round_to + 1) * self.round_to)
 
     def next_width(self) -> Optional[int]:
         """Kept count after removing one more unit (None when at the minimum)."""
@@ -403,10 +402,11 @@ def plan_to_target(
     ``mode="global"`` (NViT): units (``unit[kind]`` channels, one head, or per-head dims removed
     from every head alike) are ranked by ``score - eta * (Lat(W) - Lat(W - unit))`` (the latency
     term only with a ``latency_table``) and the lowest ``batch_units`` are removed per round until
-    the target is met (the last round stops at the first unit that meets it); then the budget
-    that the last unit overshot is filled again, step by step (``round_to`` channels or one head),
-    with the step that buys the most score per cost that still fits, so the plan lands just under
-    the target.  With ``normalize``
+    the target is met (the last round stops at the first unit that meets it; a unit that would
+    land more than 0.5% under the target is put back and its group left alone while finer units
+    remain); then the budget left is filled again, step by step (``round_to`` channels or one
+    head), with the step that buys the most score per cost that still fits, so the plan lands
+    just under the target.  With ``normalize``
     each group's scores are divided by their mean and all units' scores sum to 1, so kinds compare
     by relative importance and ``eta`` weighs milliseconds against that share.
     ``mode="uniform"``: one removal ratio for every group, the smallest that meets the target
@@ -480,7 +480,7 @@ def _states(cm: CostModel, scores: dict, unit: Mapping[str, int], min_width: Map
         rt = _align.multiple(g.kind, round_to, align)
         step = math.lcm(max(1, int(unit.get(g.kind, 1 if g.kind == "head" else 16))), rt)
         mw = _align.minimum(g.kind, int(min_width.get(g.kind, 1)), g.size, round_to, align)
-        st = _GroupState(g, step, mw, g.size, rt, scores=s, full=g.size)
+        st = _GroupState(g, step, mw, g.size, rt, scores=s)
         if s.ndim == 2 and g.per_head:
             st.head_orders = np.argsort(s, axis=1, kind="stable")
         else:
@@ -498,17 +498,17 @@ def _tie_attention(analysis: "Analysis", states: dict[str, _GroupState]) -> None
     v group whose partner is not planned, or whose dense width differs from it, keeps its full width."""
     for st in states.values():
         if st.g.kind in ("qk", "v") and st.g.head_group is None:  # no attention to match it in
-            st.min_w = st.full
+            st.min_w = st.g.size
     for qk, v in _align.attention_pairs(analysis).values():
         a = states.get(qk.id) if qk is not None else None
         b = states.get(v.id) if v is not None else None
         if a is None or b is None:
             for st in (a, b):
                 if st is not None:
-                    st.min_w = st.full = st.g.size
+                    st.min_w = st.g.size
             continue
         if a.g.size != b.g.size:  # designed with unequal head dims (LeViT): left as the dense model has them
-            a.min_w, b.min_w = a.full, b.full
+            a.min_w, b.min_w = a.g.size, b.g.size
             continue
         a.min_w = b.min_w = max(a.min_w, b.min_w)
         a.step = b.step = max(a.step, b.step)
@@ -549,7 +549,7 @@ def plan_once(cm: CostModel, scores: dict, target: str, fraction: float, eta: fl
         )
     for attempt in range(3):
         for st in states.values():
-            st.width = st.full
+            st.width = st.g.size
         if mode == "uniform":
             widths = _uniform(cm, states, target, goal, table)
         else:
@@ -570,10 +570,10 @@ def plan_once(cm: CostModel, scores: dict, target: str, fraction: float, eta: fl
 def _uniform_widths(states: dict[str, _GroupState], ratio: float) -> dict[str, int]:
     out = {}
     for gid, st in states.items():
-        n = st.full * (1.0 - ratio)
+        n = st.g.size * (1.0 - ratio)
         if st.round_to > 1:
             n = round(n / st.round_to) * st.round_to
-        out[gid] = int(min(st.full, max(st.min_w, round(n))))
+        out[gid] = int(min(st.g.size, max(st.min_w, round(n))))
     for gid, st in states.items():
         if st.tied is not None:
             out[st.tied] = out[gid]
@@ -599,8 +599,8 @@ def _global(cm: CostModel, states: dict, target: str, goal: float, eta: float, t
 
     A unit that would land more than ``close`` (relative) under ``goal`` is put back and its group
     left alone from then on, so finer units elsewhere finish the job (a residual unit changes every
-    block at once); when none is left, the put-back unit that lands closest under ``goal`` is taken.  What is left under ``goal`` is then
-    filled again (:func:`_fill`, :func:`_swap_fill`).
+    block at once); when none is left, the put-back unit that lands closest under ``goal`` is
+    taken.  What is left under ``goal`` is then filled again (:func:`_fill`, :func:`_swap_fill`).
     """
     widths = {gid: st.width for gid, st in states.items()}
     scale = 1.0
