@@ -85,16 +85,31 @@ def repeat_rule(ctx: RuleContext, node: fx.Node) -> Any:
 
 
 def repeat_interleave_rule(ctx: RuleContext, node: fx.Node) -> Any:
-    """Repeat each element along ``dim``; repeating along a channel dim freezes it."""
+    """Repeat each element along ``dim``.  Along a channel dim, ``r`` repeats of each channel make
+    the row-major product (channels, r): a rotary table's per-frequency values repeated for both
+    channels of a pair follow the pairs; the position inside the repeats is frozen."""
     td, shp = ctx.dims(node.args[0]), ctx.out_shape()
     dim = arg(node, 2, "dim")
     if not isinstance(td, TensorDims) or dim is None or shp is None or len(shp) != len(td.shape):
         return no_rule(ctx, node)
     d = norm_dim(int(dim), len(td.shape))
     dims = list(td.dims)
+    reps = arg(node, 1, "repeats")
     if dims[d] is not None and td.shape[d] != shp[d]:
-        ctx.freeze(dims[d], "repeat", "channels repeated")
-        dims[d] = None
+        if isinstance(reps, int) and reps > 1 and shp[d] == td.shape[d] * reps:
+            lay = dims[d]
+            if len(lay) == 1:
+                factors = list(lay[0])
+            else:  # a concatenation: one axis defined as it
+                z = ctx.new_axis(td.shape[d], "concatenation inside a product")
+                ctx.define(z, lay, "repeat")
+                factors = [z]
+            member = ctx.new_axis(reps, "position inside repeated channels")
+            ctx.freeze(single(member), "repeat", f"position inside {reps} repeats of a channel")
+            dims[d] = (tuple(factors) + (member,),)
+        else:
+            ctx.freeze(dims[d], "repeat", "channels repeated")
+            dims[d] = None
     return td.with_dims(dims, shp)
 
 
