@@ -334,9 +334,6 @@ def run_dataset_seed(name: str, seed: int, a, store: "Store") -> None:
                 todo = [p for p in protocols if not store.has(protocol=p, fraction=fraction, proxy=n,
                                                               criterion=method, **base)
                         and not (p == "allocation-long-ft" and (fraction != 0.5 or (proxy != ft_proxy and method not in NO_DATA)))]
-                if method == "threshold" and "allocation" in protocols and not store.has(
-                        protocol="allocation", fraction=fraction, proxy=n, criterion="threshold-widths", **base):
-                    todo = sorted(set(todo) | {"allocation"})
                 if not todo:
                     continue
                 t0 = time.perf_counter()
@@ -362,11 +359,10 @@ def run_dataset_seed(name: str, seed: int, a, store: "Store") -> None:
                         score_s = time.perf_counter() - t1
                     elif protocol == "ranking":
                         models[method] = vitgraph.compress(dense, ranking_plan(an, scores, method, fraction, seed), an)
+                    elif method == "threshold":  # its allocation is the widths it learned toward the target
+                        models[method] = vitgraph.compress(dense, vitgraph.Plan.from_scores(an, scores, ratio=None), an)
                     else:
                         models[method] = vitgraph.compress(dense, allocation_plan(an, scores, fraction, a.normalize), an)
-                        if method == "threshold" and protocol == "allocation":
-                            models["threshold-widths"] = vitgraph.compress(
-                                dense, vitgraph.Plan.from_scores(an, scores, ratio=None), an)
                     for crit, slim in models.items():
                         if store.has(protocol=protocol, fraction=fraction, proxy=n, criterion=crit, **base):
                             continue
@@ -544,8 +540,10 @@ def write_report(rows: list[dict], a, seconds: float, command: str) -> Path:
         "q/k, v and FFN group (per head for q/k and v), residual and heads kept; random = `Plan.random` with the "
         "seed. Allocation protocol: `plan_to_target(target='flops', fraction=1-f, mode='global', "
         f"normalize={a.normalize}, unit={UNIT})` for every vitgraph criterion (random: uniform random scores, "
-        "planned the same way); threshold-widths = the widths WDPruning's thresholds learned toward the same "
-        "FLOPs (`Plan.from_scores(ratio=None)`). Torch-Pruning 1.6.0: `MetaPruner(global_pruning=True, "
+        "planned the same way) except threshold, whose allocation is the widths WDPruning's thresholds learned "
+        "toward the same FLOPs (`Plan.from_scores(ratio=None)`; its scores rank units within a group only; rows "
+        "named threshold-widths in older stores are the same plans, the threshold rows of those stores came from "
+        "`plan_to_target` on its scores). Torch-Pruning 1.6.0: `MetaPruner(global_pruning=True, "
         "num_heads=..., prune_head_dims=True, ignored_layers=[head])` with timm Attention's forward patched to "
         "`reshape(B, N, -1)` (its documented ViT recipe), pruning ratio bisected to the largest FLOPs not above "
         "the target (FLOPs counted by vitgraph's counter for both); Taylor: gradients of the mean loss summed over "
@@ -586,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma list of {VG + TP + ITER} (the last two: ranking only, re-scored in 4 rounds)")
     ap.add_argument("--protocols", default="ranking,allocation")
     ap.add_argument("--exact-max-proxy", type=int, default=128, help="largest proxy set kl-exact runs on")
-    ap.add_argument("--threshold-steps", type=int, default=100)
+    ap.add_argument("--threshold-steps", type=int, default=200)
     ap.add_argument("--kl-samples", type=int, default=2, help="label draws per image for kl-approx")
     ap.add_argument("--ft-steps", type=int, default=40)
     ap.add_argument("--ft-ranking-fractions", default="0.5",

@@ -14,6 +14,10 @@ item 4:
   + ``Plan.from_scores(an, s, ratio=None)`` (the learned widths), the model's weights untouched;
 * ``threshold-weights``: the same with ``train_weights=True`` (WDPruning trains the weights with the
   masks); the slim model takes the trained weights, so its before-fine-tune accuracy includes them;
+* ``threshold-depth``: WDPruning's depth side, then its width side: a shallow classifier (LayerNorm +
+  Linear on the class token) after block ``--exit-block`` trained ``--exit-steps`` steps on the proxy
+  set (backbone frozen), the model truncated there (later blocks dropped), then thresholds toward the
+  FLOPs left to reach 1 - f of the dense model's;
 * ``old-threshold-widths`` / ``old-threshold-p2t``: the pass as it was at commit 9fd7be7 (read from
   git) with the settings criteria.md used (100 steps): its learned widths, and
   ``plan_to_target(mode="global")`` on its scores (criteria.md's ``threshold`` row).
@@ -44,7 +48,7 @@ sys.path.insert(0, str(HERE))
 import criteria as C  # noqa: E402
 
 OLD_COMMIT = "9fd7be7"
-CRITERIA = ("kl", "threshold", "threshold-weights", "old-threshold-widths", "old-threshold-p2t")
+CRITERIA = ("kl", "threshold", "threshold-weights", "threshold-depth", "old-threshold-widths", "old-threshold-p2t")
 
 
 def old_threshold_module():
@@ -83,6 +87,20 @@ def slim_models(method: str, dense, an, px, py, fraction: float, a, seed: int) -
             an = vitgraph.analyze(model, px[:1])
         return {method: (vitgraph.compress(model, plan, an), sec,
                          {"learned_budget": res.learned_budget, "budget": res.budget})}
+    if method == "threshold-depth":
+        from vitgraph.deploy.measure import count_flops
+        from vitgraph.passes.depth import add_exits, train_exits, truncate
+
+        x1 = px[:1]
+        em = add_exits(dense, an, [a.exit_block], num_classes=10)
+        train_exits(em, EpochLoader(px, py, 64, seed=seed), steps=a.exit_steps, lr=1e-3, log_every=0)
+        short = truncate(em.eval(), a.exit_block)
+        kept = count_flops(short, (x1,)) / count_flops(dense, (x1,))
+        an2 = vitgraph.analyze(short, x1)
+        s = vitgraph.score(short, an2, "threshold", data=EpochLoader(px, py, 64, seed=seed),
+                           target=min(1.0, (1 - fraction) / kept), budget="flops", steps=a.threshold_steps, log_every=0)
+        plan = vitgraph.Plan.from_scores(an2, s, ratio=None)
+        return {method: (vitgraph.compress(short, plan, an2), time.perf_counter() - t0, {"exit_flops": kept})}
     if method == "old":
         old = a.old_module
         res = old.learn_thresholds(dense, an, EpochLoader(px, py, 64, seed=seed), target=1 - fraction,
@@ -183,8 +201,8 @@ def report(store: list, a, command: str, seconds: float) -> Path:
                               + f"; before the fine-tune {100 * mean(c, 'before'):.1f} vs {100 * mean(best, 'before'):.1f}")
     notes = (f"Command: `{command}` ({seconds / 60:.0f} min for what this invocation ran, 1 thread on a shared 2-core "
              f"machine; rows accumulate in {a.store} across invocations).\n\n"
-             f"{int(100 * a.fraction)}% of the FLOPs removed. Cells: test accuracy in percent (first {a.test_limit} "
-             "test images), mean ± sample std over seeds; 'per seed' gives before/after. Proxy set: the first "
+             f"{int(100 * a.fraction)}% of the FLOPs removed. Cells: test accuracy in percent (the first {a.test_limit} "
+             "test images; digits has 500), mean ± sample std over seeds; 'per seed' gives before/after. Proxy set: the first "
              f"{a.proxy} images of the seed's shuffle of the training set (criteria.py's), batches of 64. "
              f"threshold: {a.threshold_steps} steps (library defaults otherwise: distillation weight 1, theta_lr 0.01, "
              "lambda_lr 0.1, cubic target schedule over half the steps, calibration on). "
@@ -193,6 +211,8 @@ def report(store: list, a, command: str, seconds: float) -> Path:
              "normalize=False)` on its scores, criteria.md's `threshold` row. Fine-tune: criteria.finetune_copy, "
              f"{a.ft_steps} steps of batch 64, AdamW lr {a.ft_lr}, cosine, CE + 0.2 KL from the dense model. "
              "kl: `plan_to_target(target='flops', fraction=1-f, mode='global', normalize=False, unit=criteria.UNIT)`. "
+             f"threshold-depth: exit after block {a.exit_block}, {a.exit_steps} exit steps (AdamW lr 1e-3, CE), then "
+             "the thresholds on the truncated model (its own unmasked output as the distillation teacher). "
              "'score s': wall seconds to score (medians; the machine was shared, so only rough).\n\n"
              "## Done-when check (computed from the rows)\n\n" + ("\n".join(checks) or "- (incomplete)") + "\n")
     return write_results_md(a.name, "WDPruning thresholds vs kl at 50% of the FLOPs removed", rows, notes)
@@ -206,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fraction", type=float, default=0.5, help="fraction of the FLOPs removed")
     ap.add_argument("--proxy", type=int, default=2048)
     ap.add_argument("--threshold-steps", type=int, default=200)
+    ap.add_argument("--exit-block", type=int, default=-2, help="threshold-depth: the block the exit follows")
+    ap.add_argument("--exit-steps", type=int, default=200, help="threshold-depth: steps training the exit head")
     ap.add_argument("--ft-steps", type=int, default=40)
     ap.add_argument("--ft-lr", type=float, default=5e-4)
     ap.add_argument("--test-limit", type=int, default=1000)
