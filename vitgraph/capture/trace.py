@@ -91,6 +91,7 @@ FRONT_ENDS = ("symbolic", "symbolic, timm's not-traceable modules opaque", "meta
               "meta-value proxies, dtypes symbolic", "symbolic, failing submodules traced with meta values")
 FRONT_END_KEY = "vitgraph.front_end"
 MAX_OPAQUE_SUBMODULES = 16  # submodules the last front end may set aside before it gives up
+SET_ASIDE_KEY = "vitgraph.set_aside"  # gm.meta: the submodules the last front end kept opaque
 
 
 def _with_leaves(paths: frozenset[str]) -> type:
@@ -111,7 +112,9 @@ def _trace_setting_aside(model: nn.Module, n: int) -> fx.GraphModule:
     paths: frozenset[str] = frozenset()
     while True:
         try:
-            return _trace_once(model, honour_timm=False, n_inputs=n, tracer_cls=_with_leaves(paths))
+            gm = _trace_once(model, honour_timm=False, n_inputs=n, tracer_cls=_with_leaves(paths))
+            gm.meta[SET_ASIDE_KEY] = paths
+            return gm
         except TraceError as e:
             where = getattr(e, "module", None)
             if not where or where in paths or len(paths) >= MAX_OPAQUE_SUBMODULES:
@@ -135,6 +138,8 @@ def _capture(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> fx.Gra
             failures.append((name, e))
             continue
         gm.meta[FRONT_END_KEY] = name
+        if failures:
+            gm.meta["vitgraph.first_failure"] = str(failures[0][1])
         return gm
     (first_name, first), (last_name, last) = failures[0], failures[-1]
     raise TraceError(f"{first} [front end: {first_name}; the last one tried, {last_name}, failed with: {last}]") from first
@@ -169,6 +174,10 @@ def trace(model: nn.Module, example_inputs: Sequence[torch.Tensor],
                 break
             lower(gm)
             _propagate_shapes(gm, example_inputs)
+        aside, first = gm.meta.pop(SET_ASIDE_KEY, ()), gm.meta.pop("vitgraph.first_failure", "")
+        left = sorted({str(n.target) for n in gm.graph.nodes if n.op == "call_module" and n.target in aside})
+        if left:  # set aside, but not traceable with meta values either (data-dependent control flow)
+            raise TraceError(f"{first} [set aside and traced with meta values, {', '.join(left)} still cannot be traced]")
     finally:
         for m, t in was_training.items():
             m.training = t
