@@ -53,14 +53,14 @@ class Source:
 
             try:
                 return timm.create_model(self.name, pretrained=False, **self.kwargs).eval()
-            except (RuntimeError, TypeError) as e:
+            except (RuntimeError, TypeError, ValueError, AssertionError, KeyError) as e:
                 raise VitgraphError(f"cannot build timm model {self.name!r} with {self.kwargs}: {e}") from e
         if self.kind == "torchvision":
             import torchvision
 
             try:
                 return torchvision.models.get_model(self.name, weights=None, **self.kwargs).eval()
-            except (ValueError, TypeError) as e:
+            except (ValueError, TypeError, RuntimeError, AssertionError, KeyError) as e:
                 raise VitgraphError(f"cannot build torchvision model {self.name!r}: {e}") from e
         if self.kind == "transformers":
             return build_transformers(self.name, self.kwargs)
@@ -119,6 +119,8 @@ def save(out: Union[str, Path], module: nn.Module, plan: Any, source: Source) ->
     write_atomic(out / PLAN_FILE, plan.to_json())
     partial = out / f".{WEIGHTS_FILE}.partial"
     save_model(module, str(partial))
+    # safetensors creates its file 0600; the weights get the mode the user's umask gives the others
+    os.chmod(partial, (out / PLAN_FILE).stat().st_mode & 0o777)
     os.replace(partial, out / WEIGHTS_FILE)
     return out
 
@@ -147,14 +149,22 @@ def load(path: Union[str, Path]) -> nn.Module:
     path = Path(path)
     if not is_artifact(path):
         raise VitgraphError(f"{path} is not a vitgraph result: it needs {SOURCE_FILE}, {PLAN_FILE} and {WEIGHTS_FILE}")
+    from safetensors import SafetensorError
+
     source = read_source(path)
-    plan = Plan.from_json((path / PLAN_FILE).read_text())
+    try:
+        plan = Plan.from_json((path / PLAN_FILE).read_text())
+    except OSError as e:
+        raise VitgraphError(f"cannot read {path / PLAN_FILE}: {e.strerror or e}") from e
     torch.manual_seed(0)
     slim = compress(source.build(), plan)
+    weights = path / WEIGHTS_FILE
     try:
-        load_model(slim, str(path / WEIGHTS_FILE), strict=True)
+        load_model(slim, str(weights), strict=True)
+    except (SafetensorError, OSError, ValueError) as e:  # truncated, corrupt or unreadable
+        raise VitgraphError(f"{weights} is not a readable safetensors file (truncated or corrupt?): {e}") from e
     except RuntimeError as e:
-        raise VitgraphError(f"{path / WEIGHTS_FILE} does not fit the model its source and plan build: {e}") from e
+        raise VitgraphError(f"{weights} does not fit the model its source and plan build: {e}") from e
     if (path / SPARSITY_FILE).is_file():
         _restore_24(slim, path / SPARSITY_FILE)
     return slim.eval()

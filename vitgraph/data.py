@@ -235,6 +235,24 @@ def make_transform(recipe: dict[str, Any]) -> Any:
     return v2.Compose(steps)
 
 
+class _ImageLoader:
+    """torchvision's image loader; an unreadable image is an error naming its file (picklable,
+    for DataLoader workers)."""
+
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def __call__(self, path: str) -> Any:
+        from torchvision.datasets.folder import default_loader
+
+        from vitgraph.errors import VitgraphError
+
+        try:
+            return default_loader(path)
+        except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated, corrupt, not an image
+            raise VitgraphError(f"{self.flag}: cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
 def image_folder(root: str | Path, transform: Any, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  workers: int = 0, flag: str = "--data") -> DataLoader:
     """A DataLoader of ``(images, labels)`` over a torchvision ``ImageFolder`` (``root/<class>/<image>``).
@@ -252,7 +270,7 @@ def image_folder(root: str | Path, transform: Any, batch_size: int, *, shuffle: 
     if not Path(root).is_dir():
         raise VitgraphError(f"{flag} {root} is not a directory (an image folder: {flag} DIR with DIR/<class>/<image>)")
     try:
-        dataset = ImageFolder(str(root), transform=transform)
+        dataset = ImageFolder(str(root), transform=transform, loader=_ImageLoader(flag))
     except (FileNotFoundError, OSError) as e:
         raise VitgraphError(f"{flag} {root} is not an image folder in ImageFolder layout (DIR/<class>/<image>): {e}") from e
     gen = torch.Generator().manual_seed(seed)

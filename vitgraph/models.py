@@ -74,6 +74,8 @@ def load_model_and_source(spec: str, input_size: Optional[str] = None, batch: in
         try:
             model = source.build()
         except VitgraphError as e:
+            if kwargs and _is_timm_model(spec):
+                raise VitgraphError(_bad_model_args(spec, kwargs, e)) from e
             raise VitgraphError(f"{spec!r} is neither a file nor a timm model name: {e.__cause__ or e}") from e
         shape = shape or _timm_input_size(model, kwargs)
     if source is not None:
@@ -127,6 +129,31 @@ def _timm_input_size(model: nn.Module, kwargs: Mapping[str, Any]) -> tuple[int, 
     elif isinstance(size, (tuple, list)) and len(size) == 2:
         h, w = size
     return (int(kwargs.get("in_chans", c)), int(h), int(w))
+
+
+def _is_timm_model(name: str) -> bool:
+    import timm
+
+    return bool(timm.is_model(name))
+
+
+def _bad_model_args(spec: str, kwargs: dict[str, Any], e: BaseException) -> str:
+    """Why timm model ``spec`` cannot be built with ``kwargs``, naming the arguments that fail on
+    their own (each is tried alone) and the ones that stayed strings."""
+    culprits = list(kwargs)
+    if len(kwargs) > 1:
+        culprits = []
+        for k, v in kwargs.items():
+            try:
+                Source("timm", spec, {k: v}).build()
+            except VitgraphError:
+                culprits.append(k)
+        culprits = culprits or list(kwargs)
+    named = ", ".join(f"{k}={kwargs[k]!r}" for k in culprits)
+    strings = [k for k in culprits if isinstance(kwargs[k], str)]
+    hint = (f"; {', '.join(strings)} did not parse as a Python literal (a number, list, True/False), so it was "
+            "passed as a string" if strings else "")
+    return f"--model-arg {named}: timm model {spec!r} does not accept it ({e.__cause__ or e}){hint}"
 
 
 def parse_model_args(items: Any, flag: str = "--model-arg") -> dict[str, Any]:

@@ -1,0 +1,67 @@
+"""Bad input to the pipeline and saved results: each ends in a VitgraphError that names the file,
+field or argument; files are written with the user's umask."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import vitgraph
+from conftest import random_plan
+from vitgraph.artifact import Source, load, save
+
+TINY = Source("timm", "vit_tiny_patch16_224",
+              {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 3, "num_classes": 10}, (3, 32, 32))
+
+
+def _saved(tmp_path):
+    torch.manual_seed(0)
+    model = TINY.build()
+    an = vitgraph.analyze(model, torch.randn(1, 3, 32, 32))
+    plan = random_plan(an, ("ffn",))
+    return save(tmp_path / "a", vitgraph.compress(model, plan), plan, TINY)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_corrupt_weights_name_the_file(tmp_path, damage):
+    out = _saved(tmp_path)
+    w = out / "model.safetensors"
+    data = w.read_bytes()
+    w.write_bytes({"truncated": data[: len(data) // 2], "garbage": b"\x00\x01not safetensors" * 8, "empty": b""}[damage])
+    with pytest.raises(vitgraph.VitgraphError, match="model.safetensors"):
+        load(out)
+
+
+def test_weights_get_the_umask_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = _saved(tmp_path)
+    finally:
+        os.umask(old)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert modes["model.safetensors"] == modes["plan.json"] == 0o644, modes
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    from PIL import Image
+
+    from vitgraph.data import image_folder
+
+    (tmp_path / "cat").mkdir()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "cat" / "good.png")
+    Image.new("RGB", (64, 64), (200, 20, 30)).save(tmp_path / "cat" / "bad.png")
+    bad = tmp_path / "cat" / "bad.png"
+    bad.write_bytes(bad.read_bytes()[:60])  # header, then cut: "Truncated File Read"
+    loader = image_folder(tmp_path, transform=lambda im: torch.zeros(3, 8, 8), batch_size=2)
+    with pytest.raises(vitgraph.VitgraphError, match=r"--data: cannot read image .*bad\.png"):
+        list(loader)
+
+
+def test_bad_model_arg_names_the_argument(capsys):
+    from vitgraph.cli import main
+
+    assert main(["inspect", "vit_tiny_patch16_224", "--model-arg", "num_classes=abc", "--model-arg", "img_size=32"]) == 2
+    err = capsys.readouterr().err
+    assert "--model-arg num_classes='abc'" in err and "img_size" not in err.split("error:")[1].split("(")[0]
+    assert "Traceback" not in err
