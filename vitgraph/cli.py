@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -318,6 +319,8 @@ def cmd_check24(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vitgraph", description="Structured pruning of Vision Transformers as torch.fx passes.")
+    p.add_argument("--verbose", action="store_true",
+                   help="show what the exporters print while trying a form (TorchScript IR of a failed trace)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def model_cmd(name: str, help: str, analyzes: bool = True) -> argparse.ArgumentParser:
@@ -417,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the console command."""
     a = build_parser().parse_args(argv)
+    if a.verbose:
+        from vitgraph.deploy.export import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
     try:
         return a.fn(a)
     except VitgraphError as e:

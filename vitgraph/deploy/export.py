@@ -37,7 +37,11 @@ wrapper whose prefix is then removed from the file's names.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
+import os
+import sys
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -69,6 +73,7 @@ _EXPORTERS = ("torchscript", "dynamo")
 _TORCHSCRIPT_MAX_OPSET = 20  # the TorchScript exporter writes opsets 7..20
 _DYNAMO_NATIVE_OPSET = 18  # the opset torch.onnx's dynamo exporter writes before converting
 _WRAPPED = "module"  # attribute under which the TorchScript path wraps the module
+VERBOSE_ENV = "VITGRAPH_VERBOSE"  # set (not "0"): show what the exporters print while writing a form
 
 
 class ExportFallbackWarning(UserWarning):
@@ -129,6 +134,7 @@ def export_onnx(
     check: bool = True,
     rtol: float = 1e-4,
     atol: float = 1e-4,
+    verbose: bool | None = None,
 ) -> ExportReport:
     """Export ``module`` to ONNX at ``path``, then check it and compare onnxruntime with torch.
 
@@ -138,7 +144,12 @@ def export_onnx(
     "dynamo") restricts the candidates to one exporter. Every rejected form is announced with an
     :class:`ExportFallbackWarning`. ``check=False`` skips the parity run (the checker still runs;
     a TorchScript trace is still compared with torch at a second batch size, see the module doc).
+    What the exporters print while a form is written (TorchScript IR of a failing trace, progress
+    lines) is captured and shown only with ``verbose`` (default: the ``VITGRAPH_VERBOSE``
+    environment variable, set by ``vitgraph --verbose``).
     """
+    if verbose is None:
+        verbose = os.environ.get(VERBOSE_ENV, "") not in ("", "0")
     inputs = _as_input_tuple(example_inputs)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,7 +162,8 @@ def export_onnx(
         grown: list[tuple[tuple[torch.Tensor, ...], list[np.ndarray]]] = []  # computed once, on demand
         for i, form in enumerate(forms):
             try:
-                _write_form(form, module, path, inputs, input_names, output_names, dynamic_batch)
+                with _captured_output(show=verbose):
+                    _write_form(form, module, path, inputs, input_names, output_names, dynamic_batch)
                 module.eval()  # (exporters restore modes their own way; the references below need eval)
                 if simplify:
                     _simplify(path)
@@ -407,6 +419,31 @@ def _all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     for node in graph.node:
         for sub in _subgraphs(node):
             yield from _all_graphs(sub)
+
+
+@contextlib.contextmanager
+def _captured_output(show: bool) -> Iterator[None]:
+    """Capture what is written to stdout and stderr: Python's streams and the process's file
+    descriptors 1 and 2 (the exporters' C++ prints); with ``show`` it is written to stderr after."""
+    py = io.StringIO()
+    sys.stdout.flush(), sys.stderr.flush()
+    with tempfile.TemporaryFile() as sink:
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(sink.fileno(), 1)
+            os.dup2(sink.fileno(), 2)
+            with contextlib.redirect_stdout(py), contextlib.redirect_stderr(py):
+                yield
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+            if show:
+                sink.seek(0)
+                text = py.getvalue() + sink.read().decode(errors="replace")
+                if text:
+                    sys.stderr.write(text)
 
 
 @contextlib.contextmanager
