@@ -65,3 +65,16 @@ def test_bad_model_arg_names_the_argument(capsys):
     err = capsys.readouterr().err
     assert "--model-arg num_classes='abc'" in err and "img_size" not in err.split("error:")[1].split("(")[0]
     assert "Traceback" not in err
+
+
+def test_scores_are_safetensors_and_a_pickle_is_refused(tmp_path):
+    from vitgraph.score import Scores, load_scores, save_scores
+
+    s = Scores({"a:ffn": torch.arange(4.0), "b:qk": torch.ones(2, 3)}, "magnitude", keep={"a:ffn": 2})
+    save_scores(tmp_path / "s.safetensors", s, "abc")
+    back, fp = load_scores(tmp_path / "s.safetensors")
+    assert fp == "abc" and back.method == "magnitude" and back.keep == {"a:ffn": 2}
+    assert torch.equal(back["b:qk"], torch.ones(2, 3))
+    torch.save({"scores": dict(s)}, tmp_path / "old.pt")
+    with pytest.raises(vitgraph.ScoreError, match="old.pt"):
+        load_scores(tmp_path / "old.pt")

@@ -167,11 +167,14 @@ def test_score_command_writes_scores_and_a_plan(setup, tmp_path):
     path = tmp_path / "tiny.pt"
     torch.save(model, path)
     rc = main(["score", str(path), "--input-size", "3,32,32", "--method", "hessian", "--batches", "2",
-               "--batch-size", "4", "--out", str(tmp_path / "s.pt"), "--plan", str(tmp_path / "plan.json"),
+               "--batch-size", "4", "--out", str(tmp_path / "s.safetensors"), "--plan", str(tmp_path / "plan.json"),
                "--target", "flops:0.85", "--round-to", "4"])
     assert rc == 0
-    saved = torch.load(tmp_path / "s.pt")
-    assert saved["method"] == "hessian" and set(saved["scores"]) == {g.id for g in an.groups if g.kind != "other"}
+    from vitgraph.score import load_scores
+
+    saved, fingerprint = load_scores(tmp_path / "s.safetensors")  # data, not a pickle
+    assert saved.method == "hessian" and set(saved) == {g.id for g in an.groups if g.kind != "other"}
+    assert fingerprint == an.fingerprint
     plan = vitgraph.Plan.from_json((tmp_path / "plan.json").read_text())
     slim = vitgraph.compress(model, plan)
     x = torch.randn(1, 3, 32, 32)

@@ -70,7 +70,12 @@ def _score_data(a: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor) 
         xs, ys = load_fashion_mnist("train", limit=n)
         xs = fit_input(xs, x.shape[1:])
     else:
-        xs, ys = torch.load(a.data)
+        import pickle
+
+        try:
+            xs, ys = torch.load(a.data, weights_only=True)
+        except (OSError, RuntimeError, ValueError, TypeError, EOFError, pickle.UnpicklingError) as e:
+            raise VitgraphError(f"--data {a.data}: not a saved (inputs, targets) tensor pair: {type(e).__name__}: {e}") from e
         xs, ys = xs[:n], ys[:n]
     return batches(xs, ys, a.batch_size)
 
@@ -102,7 +107,9 @@ def _score(a: argparse.Namespace) -> int:
         s = score(model, an, a.method, data=data, **opts)
     if rank() != 0:
         return 0
-    torch.save({"method": a.method, "fingerprint": an.fingerprint, "scores": dict(s), "keep": s.keep}, a.out)
+    from vitgraph.score import save_scores
+
+    save_scores(a.out, s, an.fingerprint)
     print(f"wrote scores of {len(s)} groups to {a.out}")
     if a.plan:
         if a.method == "threshold":
@@ -350,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batches", type=int, default=32, help="number of batches (default 32: 512 images at batch 16)")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. mode=hvp")
-    s.add_argument("--out", default="scores.pt", help="where to save the scores (torch.save)")
+    s.add_argument("--out", default="scores.safetensors",
+                   help="where to save the scores (safetensors: a tensor per group, method and fingerprint in its metadata)")
     s.add_argument("--plan", help="also write a plan (JSON) meeting --target")
     s.add_argument("--target", default="flops:0.5",
                    help="flops|params:FRACTION kept (default flops:0.5); threshold learns toward it")

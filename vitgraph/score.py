@@ -143,3 +143,38 @@ def _no_options(method: str, options: dict, allowed: set) -> None:
     bad = sorted(set(options) - allowed)
     if bad:
         raise ScoreError(f"score method {method!r} takes no options {bad}")
+
+
+def save_scores(path: Any, scores: Scores, fingerprint: str = "") -> None:
+    """Write ``scores`` to ``path`` as safetensors (data, never pickle): one tensor per group id,
+    the method, the analysis fingerprint and ``keep`` in the file's metadata."""
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors = {gid: torch.as_tensor(s).detach().float().contiguous().cpu() for gid, s in scores.items()}
+    meta = {"vitgraph_scores": "1", "method": scores.method, "fingerprint": fingerprint,
+            "keep": json.dumps(scores.keep)}
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_scores(path: Any) -> tuple[Scores, str]:
+    """The scores saved by :func:`save_scores` and the fingerprint of the analysis they were made
+    on; a file that is not one is a :class:`ScoreError` naming it."""
+    import json
+
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            data = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ScoreError(f"{path} is not a vitgraph scores file (safetensors from vitgraph score): {e}") from e
+    if meta.get("vitgraph_scores") != "1":
+        raise ScoreError(f"{path} is a safetensors file but not vitgraph scores (no 'vitgraph_scores' metadata)")
+    try:
+        keep = json.loads(meta.get("keep", "null"))
+    except json.JSONDecodeError as e:
+        raise ScoreError(f"{path}: metadata field 'keep' is not JSON: {e}") from e
+    return Scores(data, meta.get("method", ""), keep=keep), meta.get("fingerprint", "")
