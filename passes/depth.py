@@ -26,7 +26,7 @@ from torch import nn
 
 from vitgraph.analysis.context import META_KEY, TensorDims, node_shapes
 from vitgraph.analysis.ops import OPS
-from vitgraph.errors import PlanError
+from vitgraph.errors import ArgumentError, ArgumentTypeError, PlanError
 from vitgraph.passes.training import fit, rank_loader
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ def _resolve(blocks: list[ResidualBlock], refs: Union[BlockRef, Sequence[BlockRe
 
 def _check_model(model: nn.Module, analysis: "Analysis") -> None:
     if analysis.model is not model:
-        raise ValueError("analysis was made for another model (call vitgraph.analyze(model, x) first)")
+        raise ArgumentError("analysis was made for another model (call vitgraph.analyze(model, x) first)")
 
 
 def _finish(gm: fx.GraphModule) -> fx.GraphModule:
@@ -227,7 +227,7 @@ class ExitHead(nn.Module):
     def __init__(self, dim: int, num_classes: int, pool: str = "token") -> None:
         super().__init__()
         if pool not in ("token", "mean"):
-            raise ValueError(f"pool must be 'token' (first token) or 'mean', got {pool!r}")
+            raise ArgumentError(f"pool must be 'token' (first token) or 'mean', got {pool!r}")
         self.pool = pool
         self.norm = nn.LayerNorm(dim)
         self.fc = nn.Linear(dim, num_classes)
@@ -281,7 +281,7 @@ def add_exits(
     """
     _check_model(model, analysis)
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise ArgumentError(f"num_classes must be >= 1, got {num_classes}")
     all_blocks = residual_blocks(analysis)
     chosen = _resolve(all_blocks, blocks)
     gm = copy.deepcopy(analysis.graph_module)
@@ -315,7 +315,7 @@ def truncate(exit_model: ExitModel, exit_block: BlockRef) -> fx.GraphModule:
     The result returns that exit's logits; every later block, the final norm and head are dropped.
     """
     if not isinstance(exit_model, ExitModel):
-        raise TypeError(f"truncate expects an ExitModel from add_exits, got {type(exit_model).__name__}")
+        raise ArgumentTypeError(f"truncate expects an ExitModel from add_exits, got {type(exit_model).__name__}")
     name = exit_block
     if isinstance(exit_block, int) and not isinstance(exit_block, bool):
         blocks = exit_model._all_blocks

@@ -20,6 +20,7 @@ import torch
 
 from vitgraph.analysis.kinds import PRUNABLE_KINDS
 from vitgraph.analysis.selection import layout_coords
+from vitgraph.errors import ArgumentError
 
 if TYPE_CHECKING:
     from vitgraph.analysis.engine import Analysis, ChannelGroup
@@ -48,7 +49,7 @@ class GateSet:
     def __init__(self, analysis: "Analysis", group_ids: Optional[Iterable[str]] = None,
                  kinds: Iterable[str] = PRUNABLE, headless: str = "mean") -> None:
         if headless not in HEADLESS:
-            raise ValueError(f"headless must be one of {HEADLESS}, got {headless!r}")
+            raise ArgumentError(f"headless must be one of {HEADLESS}, got {headless!r}")
         wanted = set(group_ids) if group_ids is not None else None
         kinds = tuple(kinds)
         self.analysis = analysis

@@ -39,6 +39,7 @@ from vitgraph.distributed import all_reduce_sum
 from vitgraph.passes.gates import PRUNABLE, GateSet, model_tensors
 from vitgraph.passes.joint import FisherBlocks
 from vitgraph.passes.scoring_common import LossFn, default_loss, log, scoring_batches, scoring_graph
+from vitgraph.errors import ScoreError
 
 if TYPE_CHECKING:
     from vitgraph.analysis.engine import Analysis
@@ -80,13 +81,13 @@ def hessian_scores(
     result does not depend on the number of processes.
     """
     if mode not in MODES:
-        raise ValueError(f"hessian mode must be one of {MODES}, got {mode!r}")
+        raise ScoreError(f"hessian mode must be one of {MODES}, got {mode!r}")
     if probes < 1 or chunk < 1:
-        raise ValueError(f"probes and chunk must be >= 1, got {probes} and {chunk}")
+        raise ScoreError(f"probes and chunk must be >= 1, got {probes} and {chunk}")
     loss_fn = loss_fn or default_loss
     gates = GateSet(analysis, kinds=kinds)
     if not gates.groups:
-        raise ValueError(f"the analysis has no groups of kinds {tuple(kinds)} to score")
+        raise ScoreError(f"the analysis has no groups of kinds {tuple(kinds)} to score")
     factors = dict(default_kind_factors(analysis))
     factors.update(kind_factors or {})
     gm = analysis.graph_module
@@ -146,7 +147,7 @@ def _per_example_sq(gm, gates: GateSet, base, inputs, targets, loss_fn, ones, ch
     """``sum_i (dL_i / dg)^2`` over the examples of one batch, ``L_i`` the loss of example ``i`` alone;
     ``blocks`` also receives every ``dL_i / dg`` (times ``scale[gid]``)."""
     if targets is not None and not isinstance(targets, torch.Tensor):
-        raise ValueError("hessian mode 'fisher' needs tensor targets (one per example) to take per-example "
+        raise ScoreError("hessian mode 'fisher' needs tensor targets (one per example) to take per-example "
                          f"gradients, got {type(targets).__name__}; use mode='batch' for other targets")
 
     def loss_one(g: dict[str, torch.Tensor], one: tuple[torch.Tensor, ...], t: Optional[torch.Tensor]) -> torch.Tensor:

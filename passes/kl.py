@@ -33,6 +33,7 @@ from vitgraph.distributed import all_reduce_sum
 from vitgraph.passes.gates import PRUNABLE, GateSet, model_tensors
 from vitgraph.passes.joint import FisherBlocks
 from vitgraph.passes.scoring_common import log, logits_of, scoring_batches, scoring_graph
+from vitgraph.errors import ScoreError
 
 if TYPE_CHECKING:
     from vitgraph.analysis.engine import Analysis
@@ -61,12 +62,12 @@ def kl_scores(
     model is the reference).  Under torch.distributed the batches are sharded and sums reduced.
     """
     if mode not in MODES:
-        raise ValueError(f"kl mode must be one of {MODES}, got {mode!r}")
+        raise ScoreError(f"kl mode must be one of {MODES}, got {mode!r}")
     if chunk < 1 or samples < 1:
-        raise ValueError(f"chunk and samples must be >= 1, got {chunk} and {samples}")
+        raise ScoreError(f"chunk and samples must be >= 1, got {chunk} and {samples}")
     gates = GateSet(analysis, kinds=kinds)
     if not gates.groups:
-        raise ValueError(f"the analysis has no groups of kinds {tuple(kinds)} to score")
+        raise ScoreError(f"the analysis has no groups of kinds {tuple(kinds)} to score")
     src = analysis.graph_module
     was_training = src.training
     if device is not None:

@@ -28,6 +28,7 @@ from torch.nn.utils import parametrize
 from vitgraph.passes.mask import kept_elements
 from vitgraph.passes.scoring_common import logits_of
 from vitgraph.passes.training import batches_per_epoch, fit, rank_loader
+from vitgraph.errors import ArgumentError
 
 log = logging.getLogger("vitgraph.recovery")
 
@@ -107,7 +108,7 @@ def distill_loss(
 ) -> torch.Tensor:
     """The recovery loss of one batch (see the module docstring)."""
     if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        raise ArgumentError(f"loss must be one of {LOSSES}, got {loss!r}")
     outs = list(student_out) if isinstance(student_out, (tuple, list)) else [student_out]
     cls_logits = logits_of(outs[0])
     dist_logits = logits_of(outs[1]) if len(outs) > 1 else None
@@ -165,11 +166,11 @@ def finetune(
     stay float32; bfloat16 has float32's range, so no loss scaling is needed); by default it is
     on when ``device`` is a CUDA device."""
     if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+        raise ArgumentError(f"epochs must be >= 1, got {epochs}")
     if loss == "nvit" and teacher is None and cnn_teacher is None:
-        raise ValueError("the nvit loss needs a teacher (the original model) or a cnn_teacher")
+        raise ArgumentError("the nvit loss needs a teacher (the original model) or a cnn_teacher")
     if keeper is not None and keeper.model is not student:
-        raise ValueError("keeper was made for another model (MaskKeeper(student, analysis, plan))")
+        raise ArgumentError("keeper was made for another model (MaskKeeper(student, analysis, plan))")
     if device is not None:
         student.to(device)
         for t in (teacher, cnn_teacher):

@@ -11,6 +11,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from vitgraph.distributed import rank, world_size
+from vitgraph.errors import ScoreError
 
 log = logging.getLogger("vitgraph.score")
 
@@ -22,7 +23,7 @@ def split_batch(batch: Any) -> tuple[tuple[Any, ...], Any]:
     if isinstance(batch, torch.Tensor):
         return (batch,), None
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise ValueError("data must yield (inputs, targets) batches or input tensors, "
+        raise ScoreError("data must yield (inputs, targets) batches or input tensors, "
                          f"got {type(batch).__name__}")
     inputs, targets = batch
     return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), targets
@@ -57,14 +58,14 @@ def logits_of(out: Any) -> torch.Tensor:
     while isinstance(out, (tuple, list)):
         out = out[0]
     if not isinstance(out, torch.Tensor):
-        raise ValueError(f"model output is {type(out).__name__}, not a tensor of logits")
+        raise ScoreError(f"model output is {type(out).__name__}, not a tensor of logits")
     return out
 
 
 def default_loss(out: Any, targets: Any) -> torch.Tensor:
     """Cross-entropy of the model's logits against integer class targets."""
     if targets is None:
-        raise ValueError("this score needs targets: pass (inputs, targets) batches or a loss_fn")
+        raise ScoreError("this score needs targets: pass (inputs, targets) batches or a loss_fn")
     return F.cross_entropy(logits_of(out), targets)
 
 
@@ -102,7 +103,7 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman rank correlation of two score vectors (average ranks for ties)."""
     a, b = a.flatten().double(), b.flatten().double()
     if a.numel() != b.numel() or a.numel() < 2:
-        raise ValueError(f"need two score vectors of equal length >= 2, got {a.numel()} and {b.numel()}")
+        raise ScoreError(f"need two score vectors of equal length >= 2, got {a.numel()} and {b.numel()}")
     ra, rb = _ranks(a), _ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     den = (ra.norm() * rb.norm()).item()

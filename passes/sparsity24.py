@@ -32,6 +32,7 @@ from torch import nn
 from vitgraph.analysis.ops import OPS
 from vitgraph.capture.targets import module_entry
 from vitgraph.deploy.onnx24 import shape_skip_reason
+from vitgraph.errors import ArgumentError
 
 __all__ = [
     "MASK_BUFFER",
@@ -100,7 +101,7 @@ class SemiStructuredReport:
 def _groups(t: torch.Tensor) -> torch.Tensor:
     """View an (out, in) tensor as (out, in/4, 4) groups along the input dimension."""
     if t.dim() != 2 or t.shape[1] % 4:
-        raise ValueError(f"expected a 2-D tensor with a multiple of 4 columns, got shape {tuple(t.shape)}")
+        raise ArgumentError(f"expected a 2-D tensor with a multiple of 4 columns, got shape {tuple(t.shape)}")
     return t.reshape(t.shape[0], t.shape[1] // 4, 4)
 
 
@@ -214,7 +215,7 @@ def permutation_gain(weight: torch.Tensor, *, score: torch.Tensor | None = None,
     """
     score = weight if score is None else score
     if score.shape != weight.shape:
-        raise ValueError(f"score shape {tuple(score.shape)} != weight shape {tuple(weight.shape)}")
+        raise ArgumentError(f"score shape {tuple(score.shape)} != weight shape {tuple(weight.shape)}")
     _groups(score)  # validates 2-D with in % 4 == 0
     perm = _search_permutation(score, rounds, seed)
     return perm, _kept_score(score), _kept_score(score[:, perm])
@@ -393,10 +394,10 @@ def _saliency_for(name: str, weight: torch.Tensor, saliency: dict[str, torch.Ten
         if key in saliency:
             score = saliency[key]
             if tuple(score.shape) != tuple(weight.shape):
-                raise ValueError(f"saliency[{key!r}] has shape {tuple(score.shape)}, "
+                raise ArgumentError(f"saliency[{key!r}] has shape {tuple(score.shape)}, "
                                  f"expected weight shape {tuple(weight.shape)}")
             return score.detach().to(device=weight.device, dtype=torch.float32)
-    raise ValueError(f"saliency has no entry for eligible layer {name!r}; "
+    raise ArgumentError(f"saliency has no entry for eligible layer {name!r}; "
                      f"add it or exclude the layer. {_HESSIAN_HELP}")
 
 
@@ -446,9 +447,9 @@ def sparsify_24(module: nn.Module, method: str = "magnitude", *, permute: bool =
     boolean buffer ``weight_mask24`` on every sparsified Linear.
     """
     if method not in _METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {_METHODS}")
+        raise ArgumentError(f"unknown method {method!r}; expected one of {_METHODS}")
     if method == "hessian" and saliency is None:
-        raise ValueError(_HESSIAN_HELP)
+        raise ArgumentError(_HESSIAN_HELP)
     model = copy.deepcopy(module)
     eligible, skipped = _eligible_linears(model, _patterns(exclude), min_features)
     scores = {name: (m.weight.detach().abs().float() if method == "magnitude"
@@ -499,9 +500,9 @@ def restore_masks(module: nn.Module, names: Iterable[str]) -> int:
     for name in names:
         linear = layers.get(name)
         if not isinstance(linear, nn.Linear):
-            raise ValueError(f"{name!r} is not a Linear layer of the model")
+            raise ArgumentError(f"{name!r} is not a Linear layer of the model")
         if not satisfies_24(linear.weight):
-            raise ValueError(f"the weight of {name!r} is not 2:4 sparse")
+            raise ArgumentError(f"the weight of {name!r} is not 2:4 sparse")
         _set_mask(linear, mask_24(linear.weight.detach().abs()))
     return len(names)
 
@@ -527,7 +528,7 @@ class Mask24Enforcer:
         """Register the hooks on every Linear with a ``weight_mask24`` buffer."""
         self.layers = _masked_linears(module)
         if not self.layers:
-            raise ValueError(f"no nn.Linear with a {MASK_BUFFER!r} buffer; run sparsify_24 first")
+            raise ArgumentError(f"no nn.Linear with a {MASK_BUFFER!r} buffer; run sparsify_24 first")
         self.module = module
         self._handles: list = []
         for m in self.layers.values():

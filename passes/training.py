@@ -21,6 +21,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, DistributedSamp
 
 from vitgraph.distributed import is_distributed
 from vitgraph.passes.scoring_common import split_batch, to_device
+from vitgraph.errors import DataError
 
 StepLoss = Callable[[nn.Module, tuple, Any], torch.Tensor]
 
@@ -62,7 +63,7 @@ def rank_loader(data: Iterable[Any]) -> DataLoader:
         return DataLoader(data if indexable else _Stream(data), batch_size=None, collate_fn=_as_is,
                           generator=_own_seed())
     if not indexable:
-        raise ValueError("data-parallel training under torchrun needs data a DistributedSampler can share out: "
+        raise DataError("data-parallel training under torchrun needs data a DistributedSampler can share out: "
                          "a sequence of batches (len() and indexing, e.g. a list) or a DataLoader over a map-style "
                          f"dataset, got {type(data).__name__}")
     sampler = DistributedSampler(data, shuffle=False, drop_last=True)  # type: ignore[arg-type]
@@ -82,13 +83,13 @@ def _distributed_loader(loader: DataLoader) -> DataLoader:
     if isinstance(sampler, DistributedSampler):
         return loader
     if isinstance(loader.dataset, IterableDataset):
-        raise ValueError("data-parallel training under torchrun cannot share out a DataLoader over an IterableDataset "
+        raise DataError("data-parallel training under torchrun cannot share out a DataLoader over an IterableDataset "
                          "with a DistributedSampler: pass a DataLoader over a map-style dataset or a list of batches")
     plain = type(sampler) is SequentialSampler or (
         type(sampler) is RandomSampler and not sampler.replacement
         and sampler.num_samples == len(sampler.data_source))
     if (batches is not None and type(batches) is not BatchSampler) or not plain:
-        raise ValueError(f"data-parallel training under torchrun: the DataLoader's {type(sampler).__name__} cannot be "
+        raise DataError(f"data-parallel training under torchrun: the DataLoader's {type(sampler).__name__} cannot be "
                          "replaced by a DistributedSampler faithfully; build the DataLoader with a DistributedSampler")
     dist_sampler = DistributedSampler(loader.dataset, shuffle=isinstance(sampler, RandomSampler), drop_last=True)
     return DataLoader(

@@ -78,3 +78,23 @@ def test_scores_are_safetensors_and_a_pickle_is_refused(tmp_path):
     torch.save({"scores": dict(s)}, tmp_path / "old.pt")
     with pytest.raises(vitgraph.ScoreError, match="old.pt"):
         load_scores(tmp_path / "old.pt")
+
+
+def test_argument_errors_are_vitgraph_errors_and_builtin_ones(tmp_path):
+    """Errors raised on purpose are VitgraphError subclasses that still match the built-in type
+    callers catch (ValueError, TypeError, KeyError)."""
+    from vitgraph.data import batches
+    from vitgraph.deploy.export import export_onnx
+
+    with pytest.raises(vitgraph.ArgumentError) as e:
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "m.onnx", torch.randn(1, 2), exporter="nope")
+    assert isinstance(e.value, ValueError)
+    with pytest.raises(vitgraph.ArgumentTypeError) as e:
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "m.onnx", ("x",))
+    assert isinstance(e.value, TypeError)
+    with pytest.raises(vitgraph.DataError):
+        list(batches(torch.zeros(4, 2), torch.zeros(3), 2))
+    an = vitgraph.analyze(TINY.build(), torch.randn(1, 3, 32, 32))
+    with pytest.raises(vitgraph.UnknownGroupError, match="no group 'nope:qk'") as e:
+        an.group("nope:qk")
+    assert isinstance(e.value, KeyError)

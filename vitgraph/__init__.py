@@ -8,7 +8,8 @@ from vitgraph.analysis.engine import Analysis, ChannelGroup, FrozenChannels, ana
 from vitgraph.api import compress, mask
 from vitgraph.artifact import load, save
 from vitgraph.deploy.export import export_onnx
-from vitgraph.errors import AnalysisError, CompressionMismatchError, ExportError, PlanError, ScoreError, TraceError, VitgraphError
+from vitgraph.errors import (AnalysisError, ArgumentError, ArgumentTypeError, CompressionMismatchError, DataError, ExportError,
+                             PlanError, ScoreError, TraceError, UnknownGroupError, VitgraphError)
 from vitgraph.planning.latency import LatencyTable
 from vitgraph.planning.plan import Plan
 from vitgraph.planning.planner import CostModel
@@ -20,8 +21,8 @@ from vitgraph.verify import verify_compressed
 
 __all__ = [
     "Analysis", "ChannelGroup", "CostModel", "FrozenChannels", "LatencyTable", "Plan", "plan_to_target", "analyze", "compress", "mask",
-    "register_rule", "export_onnx", "load", "save", "score", "Scores", "prune", "PruneResult", "sparsify_24", "merge_heads", "head_merge_plan", "TraceError", "PlanError", "ScoreError", "AnalysisError", "ExportError", "VitgraphError",
-    "verify_compressed", "CompressionMismatchError",
+    "register_rule", "reconstruct", "export_onnx", "load", "save", "score", "Scores", "prune", "PruneResult", "sparsify_24", "merge_heads", "head_merge_plan", "TraceError", "PlanError", "ScoreError", "AnalysisError", "ExportError", "VitgraphError",
+    "verify_compressed", "CompressionMismatchError", "ArgumentError", "ArgumentTypeError", "DataError", "UnknownGroupError",
 ]
 __version__ = "0.1.0"
 
@@ -31,6 +32,13 @@ def sparsify_24(module, method: str = "magnitude", **options):
     from vitgraph.passes.sparsity24 import sparsify_24 as _sparsify
 
     return _sparsify(module, method, **options)
+
+
+def reconstruct(slim, dense, data, *, plan, **options):
+    """``slim`` with the layers that read pruned channels refitted to ``dense`` (see passes.reconstruct)."""
+    from vitgraph.passes.reconstruct import reconstruct as _reconstruct
+
+    return _reconstruct(slim, dense, data, plan=plan, **options)
 
 
 def merge_heads(analysis, heads):

@@ -25,6 +25,7 @@ from vitgraph.analysis.kinds import ALL_KINDS, BLOCK_KINDS
 from vitgraph.analysis.engine import analyze
 from vitgraph.api import compress, mask
 from vitgraph.planning.plan import Plan
+from vitgraph.errors import ArgumentTypeError
 
 if TYPE_CHECKING:
     from vitgraph.analysis.engine import Analysis
@@ -160,7 +161,7 @@ def _first(out: object) -> torch.Tensor:
     """The first tensor of a model output (what the equivalence checks compare)."""
     leaves = _leaves(out)
     if not leaves:
-        raise TypeError(f"the model output ({type(out).__name__}) holds no tensor")
+        raise ArgumentTypeError(f"the model output ({type(out).__name__}) holds no tensor")
     return leaves[0]
 
 

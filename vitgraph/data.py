@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from vitgraph.errors import DataError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_HINT = "apt-get update && apt-get install -y dataset-fashion-mnist"
@@ -37,7 +38,7 @@ def load_fashion_mnist(split: str = "train", root: Path = FASHION_MNIST_DIR, lim
     from torchvision.datasets import FashionMNIST
 
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
     dataset = FashionMNIST(str(_torchvision_root(Path(root))), train=split == "train", download=False)
     images, labels = dataset.data[:limit], dataset.targets[:limit]
     # uint8 -> float32, then a division by 255 (v2.ToDtype(scale=True) multiplies by 1/255,
@@ -96,7 +97,7 @@ def fit_input(x: torch.Tensor, input_size: Sequence[int]) -> torch.Tensor:
 
     c, h, w = input_size
     if x.shape[1] != c and x.shape[1] != 1:
-        raise ValueError(f"cannot turn {x.shape[1]} channels into {c}")
+        raise DataError(f"cannot turn {x.shape[1]} channels into {c}")
     if x.shape[-2:] != (h, w):
         x = v2.Resize((h, w), interpolation=v2.InterpolationMode.BILINEAR, antialias=False)(x)
     if x.shape[1] != c:
@@ -113,9 +114,9 @@ def batches(x: torch.Tensor, y: Optional[torch.Tensor], batch_size: int, shuffle
     tensors (the loader's sampler yields index lists), not a stack of single items.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
     if y is not None and len(y) != len(x):
-        raise ValueError(f"{len(x)} inputs but {len(y)} targets")
+        raise DataError(f"{len(x)} inputs but {len(y)} targets")
     if len(x) == 0:
         return []
     dataset = TensorDataset(x) if y is None else TensorDataset(x, y)

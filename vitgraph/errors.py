@@ -31,3 +31,22 @@ class CompressionMismatchError(VitgraphError, RuntimeError):
     def __init__(self, message: str, group: str = "", op: "str | None" = None) -> None:
         super().__init__(message)
         self.group, self.op = group, op
+
+
+class ArgumentError(VitgraphError, ValueError):
+    """An argument or option given to a vitgraph function is not valid (names it and what it accepts)."""
+
+
+class ArgumentTypeError(ArgumentError, TypeError):
+    """An argument given to a vitgraph function has the wrong type."""
+
+
+class DataError(VitgraphError, ValueError):
+    """Data given for scoring, training or calibration cannot be used as it is."""
+
+
+class UnknownGroupError(VitgraphError, KeyError):
+    """No channel group has the id asked for."""
+
+    def __str__(self) -> str:  # (KeyError would quote the message)
+        return str(self.args[0]) if self.args else ""

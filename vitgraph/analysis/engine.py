@@ -16,7 +16,7 @@ import vitgraph.analysis.ops  # noqa: F401  (declares every op)
 from vitgraph.analysis.kinds import ALL_KINDS, PER_HEAD_KINDS
 from vitgraph.analysis.axes import AxisStore, Layout
 from vitgraph.analysis.context import META_KEY, RuleContext, TensorDims
-from vitgraph.errors import AnalysisError, TraceError
+from vitgraph.errors import AnalysisError, TraceError, UnknownGroupError
 from vitgraph.gc_hold import holds_existing_objects
 from vitgraph.analysis.ops.common import get_attr_dims, no_rule, output_dims, placeholder_dims
 from vitgraph.analysis.ops.registry import lookup_rule
@@ -104,7 +104,7 @@ class Analysis:
             return self._by_id[group_id]
         except KeyError:
             near = [g for g in self._by_id if group_id.split(":")[0] in g][:5]
-            raise KeyError(f"no group {group_id!r}; similar: {near or list(self._by_id)[:5]}") from None
+            raise UnknownGroupError(f"no group {group_id!r}; similar: {near or list(self._by_id)[:5]}") from None
 
     def group_of_axis(self, axis: int) -> Optional[ChannelGroup]:
         """The group whose leaf axis is ``axis`` (a root), if any."""

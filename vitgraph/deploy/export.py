@@ -52,7 +52,7 @@ import onnx
 import torch
 from torch import nn
 
-from vitgraph.errors import ExportError
+from vitgraph.errors import ArgumentError, ArgumentTypeError, ExportError
 
 __all__ = [
     "DEFAULT_FORMS",
@@ -89,9 +89,9 @@ class ExportForm:
 
     def __post_init__(self) -> None:
         if self.exporter not in _EXPORTERS:
-            raise ValueError(f"exporter must be one of {_EXPORTERS}, got {self.exporter!r}")
+            raise ArgumentError(f"exporter must be one of {_EXPORTERS}, got {self.exporter!r}")
         if self.exporter == "torchscript" and self.opset > _TORCHSCRIPT_MAX_OPSET:
-            raise ValueError(f"the TorchScript exporter writes opsets up to {_TORCHSCRIPT_MAX_OPSET}")
+            raise ArgumentError(f"the TorchScript exporter writes opsets up to {_TORCHSCRIPT_MAX_OPSET}")
 
     @property
     def name(self) -> str:
@@ -223,7 +223,7 @@ def onnx_op_types(path: str | Path) -> set[str]:
 def _candidate_forms(opset: int | None, exporter: str | None) -> list[ExportForm]:
     """Forms to try, in order, for an optional opset and exporter request."""
     if exporter is not None and exporter not in _EXPORTERS:
-        raise ValueError(f"exporter must be one of {_EXPORTERS} or None, got {exporter!r}")
+        raise ArgumentError(f"exporter must be one of {_EXPORTERS} or None, got {exporter!r}")
     if opset is None:
         forms = list(DEFAULT_FORMS)
     else:
@@ -234,7 +234,7 @@ def _candidate_forms(opset: int | None, exporter: str | None) -> list[ExportForm
             forms.append(ExportForm("dynamo", _DYNAMO_NATIVE_OPSET))
     forms = [f for f in forms if exporter is None or f.exporter == exporter]
     if not forms:
-        raise ValueError(f"the {exporter} exporter cannot write opset {opset}")
+        raise ArgumentError(f"the {exporter} exporter cannot write opset {opset}")
     return forms
 
 
@@ -245,12 +245,12 @@ def _as_input_tuple(example_inputs: tuple[torch.Tensor, ...] | torch.Tensor) -> 
     """Normalise example inputs to a non-empty tuple of tensors."""
     inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if not inputs:
-        raise ValueError("export_onnx needs at least one example input tensor")
+        raise ArgumentError("export_onnx needs at least one example input tensor")
     for i, x in enumerate(inputs):
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"example input {i} is {type(x).__name__}, expected torch.Tensor")
+            raise ArgumentTypeError(f"example input {i} is {type(x).__name__}, expected torch.Tensor")
         if x.dim() == 0:
-            raise ValueError(f"example input {i} is a scalar; a batch axis 0 is required")
+            raise ArgumentError(f"example input {i} is a scalar; a batch axis 0 is required")
     return inputs
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vitgraph.deploy.flops import FlopCounter
+from vitgraph.errors import ArgumentError
 
 __all__ = [
     "LatencyStats",
@@ -97,9 +98,9 @@ def measure_latency(
     The callables synchronise themselves where they need to (:func:`torch_runner` does).
     """
     if not fns:
-        raise ValueError("measure_latency needs at least one callable")
+        raise ArgumentError("measure_latency needs at least one callable")
     if warmup < 0 or reps < 1 or rounds < 1:
-        raise ValueError(f"need warmup >= 0, reps >= 1, rounds >= 1; got {warmup}, {reps}, {rounds}")
+        raise ArgumentError(f"need warmup >= 0, reps >= 1, rounds >= 1; got {warmup}, {reps}, {rounds}")
     names = list(fns)
     for name in names:
         for _ in range(warmup):
@@ -151,7 +152,7 @@ def ort_runner(
     options = ort.SessionOptions()
     if threads is not None:
         if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+            raise ArgumentError(f"threads must be >= 1, got {threads}")
         options.intra_op_num_threads = threads
     session = ort.InferenceSession(
         str(path), sess_options=options, providers=list(providers or ["CPUExecutionProvider"])
@@ -159,7 +160,7 @@ def ort_runner(
     args = (inputs,) if isinstance(inputs, (torch.Tensor, np.ndarray)) else tuple(inputs)
     metas = session.get_inputs()
     if len(metas) != len(args):
-        raise ValueError(f"{path} expects {len(metas)} inputs, got {len(args)}")
+        raise ArgumentError(f"{path} expects {len(metas)} inputs, got {len(args)}")
     feed = {meta.name: _to_numpy(x) for meta, x in zip(metas, args)}
 
     def run() -> Any:
@@ -224,7 +225,7 @@ def write_results_md(
 ) -> Path:
     """Write ``<results_dir>/<name>.md`` with a machine/version header and a Markdown table."""
     if not _RESULT_NAME.match(name):
-        raise ValueError(f"result name {name!r} must be a plain file stem (letters, digits, _ . -)")
+        raise ArgumentError(f"result name {name!r} must be a plain file stem (letters, digits, _ . -)")
     directory = Path(results_dir) if results_dir is not None else DEFAULT_RESULTS_DIR
     directory.mkdir(parents=True, exist_ok=True)
     info = machine_info()

@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch import nn
 
 from vitgraph.capture.targets import node_entry
+from vitgraph.errors import ArgumentError
 
 Target = Union[Callable, str, type]
 Rule = Callable[..., Any]  # rule(ctx: RuleContext, node) -> the output's dims
@@ -48,7 +49,7 @@ class Cost:
 
     def __post_init__(self) -> None:
         if self.family not in COST_FAMILIES:
-            raise ValueError(f"cost family must be one of {COST_FAMILIES}, got {self.family!r}")
+            raise ArgumentError(f"cost family must be one of {COST_FAMILIES}, got {self.family!r}")
 
 
 FREE = Cost("free")
@@ -79,7 +80,7 @@ def declare(*targets: Target, name: Optional[str] = None, **fields: Any) -> Op:
     A target declared before is redeclared: its fields are replaced by the new declaration's.
     """
     if not targets:
-        raise ValueError("declare() needs at least one target")
+        raise ArgumentError("declare() needs at least one target")
     label = name or _label(targets[0])
     spec = Op(label, tuple(targets), **fields)
     for t in targets:
