@@ -187,6 +187,9 @@ def report(store: list, a, command: str, seconds: float) -> Path:
                          "after FT": _stat([r["after"] for r in rs]) if crit != "dense" else "-",
                          "FLOPs kept": f"{min(r['flops'] for r in rs):.3f}-{max(r['flops'] for r in rs):.3f}",
                          "score s": f"{statistics.median(r['score_s'] for r in rs):.0f}" if crit != "dense" else "-",
+                         "before calibration": (f"{min(r['learned_budget'] for r in rs):.3f}-"
+                                                f"{max(r['learned_budget'] for r in rs):.3f}")
+                         if all(r.get("learned_budget") is not None for r in rs) else "-",
                          "per seed (before/after)": per_seed})
         mean = lambda crit, k: statistics.mean(r[k] for r in sel if r["criterion"] == crit)  # noqa: E731
         done = {c for c in a.criteria if sum(r["criterion"] == c for r in sel) == len(seeds)}
@@ -213,6 +216,7 @@ def report(store: list, a, command: str, seconds: float) -> Path:
              "kl: `plan_to_target(target='flops', fraction=1-f, mode='global', normalize=False, unit=criteria.UNIT)`. "
              f"threshold-depth: exit after block {a.exit_block}, {a.exit_steps} exit steps (AdamW lr 1e-3, CE), then "
              "the thresholds on the truncated model (its own unmasked output as the distillation teacher). "
+             "'before calibration': the FLOPs the learned thresholds gave before the final common shift. "
              "'score s': wall seconds to score (medians; the machine was shared, so only rough).\n\n"
              "## Done-when check (computed from the rows)\n\n" + ("\n".join(checks) or "- (incomplete)") + "\n")
     return write_results_md(a.name, "WDPruning thresholds vs kl at 50% of the FLOPs removed", rows, notes)

@@ -397,8 +397,18 @@ def _calibrate(gates: Sequence[_Gate], cost: "_Budget", target: float, dev: torc
                            for g, t in zip(gates, theta)]))
 
     lo, hi = -1.0, 1.0  # budget(lo): every group at one unit, budget(hi) keeps all
-    if at(hi) <= target:
-        lo = hi
+    full = at(hi)
+    if full <= target:  # the whole model fits: the smallest shift that keeps it whole
+        if at(0.0) >= full:
+            return
+        lo = 0.0
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            if at(mid) < full:
+                lo = mid
+            else:
+                hi = mid
+        shift = hi
     else:
         for _ in range(50):
             mid = (lo + hi) / 2
@@ -406,8 +416,9 @@ def _calibrate(gates: Sequence[_Gate], cost: "_Budget", target: float, dev: torc
                 lo = mid
             else:
                 hi = mid
+        shift = lo
     for g, t in zip(gates, theta):
-        g.theta.data = t + lo
+        g.theta.data = t + shift
 
 
 def budget_of(analysis: "Analysis", keep: Mapping[str, int], budget: str = "params") -> float:
