@@ -293,6 +293,23 @@ def _kind(roles: set[str]) -> str:
     return "other"
 
 
+def _bridges_residual(store: AxisStore, params: Sequence[tuple[str, int]], shapes: Mapping[str, TensorDims]) -> bool:
+    """Whether the layers around a width read from and write back to one residual stream: some
+    weight producing it (dim 0) takes its input (dim 1) from the axes some weight consuming it
+    (dim 1) writes to (dim 0), and those carry a residual add -- an MLP's hidden width, even with
+    a norm inside (sub-LN, GRN)."""
+    def roots(name: str, d: int) -> set[int]:
+        lay = shapes[name].dims[d] if d < len(shapes[name].dims) else None
+        return {store.find(x) for x in store.axes_of(lay, leaves=True)} if lay is not None else set()
+
+    read, written = set(), set()
+    for name, d in params:
+        if len(shapes[name].dims) < 2 or d > 1:
+            continue
+        (read if d == 0 else written).update(roots(name, 1 - d))
+    return any("add" in store.roles.get(r, set()) for r in read & written)
+
+
 def _owner(param: str) -> str:
     return param.rpartition(".")[0]
 
@@ -404,6 +421,8 @@ def _build_groups(an: Analysis) -> None:
             an.frozen.append(FrozenChannels(a, store.size[a], tuple(p for p, _ in params) or nodes[:3], str(store.frozen[a])))
             continue
         kind = _kind(store.roles.get(a, set()))
+        if kind == "ffn" and "norm" in store.roles.get(a, set()) and not _bridges_residual(store, params, an.params):
+            kind = "other"  # normalised between two layers that are not a block's MLP (a spatial reduction, a head)
         raw.append((a, kind, params, nodes))
     heads = {a for a, k, _, _ in raw if k == "head"}
     # the user's own parameters and buffers (the graph module also holds constants tracing made)
