@@ -8,7 +8,8 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from itertools import islice
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -56,11 +57,21 @@ def cmd_explain(a: argparse.Namespace) -> int:
     return 0
 
 
-def _score_data(a: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor) -> list:
-    """Batches for ``vitgraph score``: Fashion-MNIST, a saved ``(inputs, targets)`` file, or random."""
+def _score_data(a: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor, source: Any = None) -> list:
+    """Batches of ``--data``: an ImageFolder DIR, Fashion-MNIST, a saved ``(inputs, targets)`` file, or random."""
     from vitgraph.data import batches, fit_input, load_fashion_mnist
 
     n = a.batches * a.batch_size
+    if a.batches < 1 or a.batch_size < 1:
+        raise VitgraphError(f"--batches and --batch-size must be >= 1, got {a.batches} and {a.batch_size}")
+    if Path(a.data).is_dir():
+        from vitgraph.data import image_folder, make_transform, preprocessing
+
+        if source is None:
+            raise VitgraphError(f"--data {a.data}: an image folder needs a model with a preprocessing recipe "
+                                "(a timm/torchvision/hf name or a result directory)")
+        loader = image_folder(a.data, make_transform(preprocessing(source, a.model)), a.batch_size, flag="--data")
+        return list(islice(loader, a.batches))
     if a.data == "random":
         g = torch.Generator().manual_seed(0)
         xs = torch.randn((n, *x.shape[1:]), generator=g)
@@ -186,6 +197,14 @@ def cmd_compress(a: argparse.Namespace) -> int:
 
         with step("checking compressed == masked on the example input"):
             verify_compressed(model, slim, plan, an, (x,))
+    if a.reconstruct:
+        from vitgraph.passes.reconstruct import refit
+
+        data = _score_data(a, model, x, source)
+        with step(f"reconstructing on {len(data)} batches of {a.data}"):
+            fits = refit(slim, an, plan.selection(an), data)
+        for f in fits:
+            print(f"  {f}")
     if source is not None:
         saved = artifact.save(out, slim, plan, source)
         files = f"{artifact.SOURCE_FILE}, {artifact.PLAN_FILE}, {artifact.WEIGHTS_FILE}, model.onnx"
@@ -299,6 +318,7 @@ def _prune(a: argparse.Namespace) -> int:
               out=a.out, source=source, example_input=x, runtime=a.runtime, round_to=a.round_to,
               score_batches=a.score_batches, lr=a.lr, preprocess=recipe, reps=a.reps,
               prune_outputs=a.prune_outputs, int8=a.int8, schedule=a.schedule, steps=a.steps, resume=a.resume,
+              reconstruct=a.reconstruct, check=a.check,
               **({"align": a.align} if a.align else {}))
     if rank() == 0:
         print()
@@ -377,6 +397,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--no-check", dest="check", action="store_false",
                    help="skip checking the compressed model against the masked model on the example input")
+    s.add_argument("--reconstruct", action="store_true",
+                   help="refit the layers that read pruned channels to the dense model by ridge least squares "
+                   "on --data (see vitgraph.reconstruct)")
+    s.add_argument("--data", default="random",
+                   help="calibration data of --reconstruct: DIR (ImageFolder) | random | fashion-mnist | FILE.pt")
+    s.add_argument("--batches", type=int, default=8, help="calibration batches of --reconstruct (default 8)")
+    s.add_argument("--batch-size", type=int, default=32)
     s.set_defaults(fn=cmd_compress)
     s = model_cmd("prune", "score, plan to a target, compress, fine-tune with distillation, export and report")
     s.add_argument("--data", required=True, metavar="DIR", help="training images in ImageFolder layout (DIR/<class>/<image>)")
@@ -403,6 +430,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run in --out from its last finished step (same arguments)")
     s.add_argument("--reps", type=int, default=10, help="latency repetitions per round")
     s.add_argument("--align", choices=["kernels"], default=None, help=ALIGN_HELP)
+    s.add_argument("--reconstruct", action=argparse.BooleanOptionalAction, default=True,
+                   help="refit the layers that read pruned channels by ridge least squares on the scoring batches "
+                   "before fine-tuning (default on)")
+    s.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip checking the compressed model against the masked model on the example input")
     s.add_argument("--out", required=True, help="output directory")
     s.set_defaults(fn=cmd_prune)
     s = model_cmd("sparsify", "apply the 2:4 pattern to Linear weights and write a reloadable result")

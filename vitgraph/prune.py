@@ -223,6 +223,8 @@ def prune(
     resume: bool = False,
     amp: Optional[bool] = None,
     align: Optional[str] = None,
+    reconstruct: bool = True,
+    check: bool = True,
 ) -> PruneResult:
     """Prune ``model`` to ``target``, fine-tune it with distillation from itself, and report.
 
@@ -237,7 +239,11 @@ def prune(
     ``schedule="iterative"`` with ``steps=K`` prunes in K rounds (NViT's schedule): round k keeps
     ``F ** (k / K)`` of the dense cost, re-scoring the model the round before left, and the
     fine-tuning budget (``finetune_epochs`` epochs of steps) is shared out evenly after the
-    rounds.  ``"oneshot"`` is one round with all the fine-tuning after it.  ``align="kernels"`` plans
+    rounds.  ``"oneshot"`` is one round with all the fine-tuning after it.  ``reconstruct`` (on by
+    default) refits, after each compression, the layers that read pruned channels to the model
+    before it by ridge least squares on the scoring batches (:func:`vitgraph.reconstruct`).
+    ``check`` (on by default) compares each compressed model with the masked model on the example
+    input before that (:func:`vitgraph.verify.verify_compressed`) and raises on a mismatch.  ``align="kernels"`` plans
     widths fused GPU kernels run fast (:func:`vitgraph.plan_to_target`'s ``align``).  ``amp`` fine-tunes
     under bfloat16 autocast (default: on CUDA).
 
@@ -300,7 +306,8 @@ def prune(
               "finetune_epochs": finetune_epochs, "lr": lr, "alpha": alpha, "round_to": round_to,
               "score_batches": score_batches, "prune_outputs": prune_outputs, "input": list(x.shape),
               "runtime": runtime if kind == "latency" else None,
-              "source": source.to_dict() if source is not None else None} | ({"align": align} if align else {})
+              "source": source.to_dict() if source is not None else None} | ({"align": align} if align else {}) \
+        | ({} if reconstruct else {"reconstruct": False})
     journal = Journal(out, config, resume=resume, writer=rank() == 0)
     if journal.finished is not None:
         return _finished(journal, Path(out), method, (kind, fraction))
@@ -313,7 +320,7 @@ def prune(
             m.cpu()
 
     run = _Run(model, proxy, x, dev, journal, method, kind, prune_outputs, round_to, runtime, progress)
-    run.align = align
+    run.align, run.refits = align, reconstruct
     dense_top1 = journal.run("dense", lambda: {"top1": top1(model, "dense top-1")})["top1"]
     run.dense_cost = (_params(model), _flops(model, x))
     chain, current, plan, an = source, model, None, None
@@ -327,6 +334,12 @@ def prune(
             chain = artifact.nested(chain, plan)  # the next round prunes the last round's architecture
         an, plan = run.plan_round(k, current, goal, rounds[k - 2] if k > 1 else 1.0)
         slim = compress(current, plan, an).eval()
+        if check:
+            from vitgraph.verify import verify_compressed
+
+            verify_compressed(current, slim, plan, an, (x,))
+        if reconstruct:
+            slim = run.reconstruct(current, slim, plan, an)
         pruned_top1 = journal.run(f"round{k}.pruned", lambda: {"top1": top1(slim, f"pruned top-1 ({k}/{steps})")})["top1"]
         round_log.append({"round": k, "goal": goal, "flops": _flops(slim, x), "top1": pruned_top1})
         ep, max_steps = shares[k - 1]
@@ -367,6 +380,8 @@ class _Run:
         self.dense_cost = (0, 0)
         self.dense_groups: list = []
         self.align: Optional[str] = None
+        self.refits = True
+        self.candidates: list[dict[str, Any]] = []
 
     def plan_round(self, k: int, current: nn.Module, goal: float, last_goal: float) -> tuple[Any, Any]:
         """Round ``k``'s analysis of ``current`` and its plan toward ``goal`` of the dense cost."""
@@ -399,11 +414,34 @@ class _Run:
                 from vitgraph.planning.latency import LatencyTable
 
                 table = LatencyTable(self.runtime, batch=1)
-            plan = plan_to_target(an, scores, target=self.kind, fraction=rel, round_to=self.round_to,
-                                  normalize=self.method == "magnitude", latency_table=table,
-                                  calibrate=self.kind == "latency", align=self.align)
+            opts = dict(round_to=self.round_to, normalize=self.method == "magnitude", align=self.align)
+            if self.refits and self.kind != "latency" and len(self.proxy) >= 2:
+                from vitgraph.allocation import choose_plan
+
+                current.to(self.dev)
+                try:
+                    plan, tried = choose_plan(current, an, scores, self.kind, rel, list.__iter__(self.proxy),
+                                              self.x.to(self.dev), plan_options=opts)
+                finally:
+                    current.cpu()
+                self.candidates = [asdict(c) | {"label": c.label} for c in tried]
+                log.info("allocation: %s (of %d candidates)", tried[0].label, len(tried))
+            else:
+                plan = plan_to_target(an, scores, target=self.kind, fraction=rel, latency_table=table,
+                                      calibrate=self.kind == "latency", **opts)
         self.journal.record(f"round{k}.plan", {"plan": plan.to_json(indent=None), "fraction": rel})
         return an, plan
+
+    def reconstruct(self, current: nn.Module, slim: nn.Module, plan: Any, an: Any) -> nn.Module:
+        """``slim`` refitted to ``current`` on the scoring batches (every rank the same: all of them)."""
+        from vitgraph.passes.reconstruct import refit
+
+        current.to(self.dev), slim.to(self.dev)
+        try:
+            refit(slim, an, plan.selection(an), list.__iter__(self.proxy), progress=self.progress)
+        finally:
+            current.cpu(), slim.cpu()
+        return slim
 
     def _scores(self, k: int, current: nn.Module, an: Any, rel: float) -> Any:
         from vitgraph.score import Scores, score

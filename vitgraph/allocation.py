@@ -1,0 +1,125 @@
+"""Allocation by loss after reconstruction: which widths to keep at a FLOPs or params target.
+
+One criterion's scores admit many plans at the same cost.  A global ranking compares units across
+groups by scores measured on the dense model, so it cannot know which removals the reconstruction
+pass (:mod:`vitgraph.passes.reconstruct`) will repair: a removed FFN unit or v dim is largely
+re-expressed through the kept ones, while a removed head or q/k dim changes the attention pattern
+itself, which no refit of a consumer recovers.  :func:`choose_plan` therefore plans several
+candidate allocations to the same target from the same scores (global and uniform, over all
+prunable kinds and over subsets that leave the kinds reconstruction cannot repair whole), compresses
+and reconstructs each on the first part of the calibration batches, and keeps the one whose output
+is closest to the dense model's on the held-out rest (KL of the class distributions; mean squared
+error for outputs that are not logits).  The candidates' costs are counted on the compressed
+models, and one that misses the target by more than ``tol`` is not considered.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitgraph.analysis.kinds import PRUNABLE_KINDS
+from vitgraph.errors import PlanError
+
+log = logging.getLogger("vitgraph.allocation")
+
+# kinds left whole by the candidates beside "all": attention patterns (heads, q/k) and the stream
+KIND_SUBSETS: tuple[tuple[str, ...], ...] = ((), ("head",), ("head", "qk"), ("head", "residual"))
+MODES = ("global", "uniform")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One allocation tried: how it was planned, its cost fraction and held-out divergence."""
+
+    mode: str
+    kept_whole: tuple[str, ...]
+    fraction: float
+    loss: float
+
+    @property
+    def label(self) -> str:
+        whole = f", {'+'.join(self.kept_whole)} whole" if self.kept_whole else ""
+        return f"{self.mode}{whole}"
+
+
+def divergence(dense_out: Any, slim_out: Any) -> float:
+    """KL(dense || slim) of the first output's class distributions (MSE when it is not 2-D logits)."""
+    from vitgraph.passes.scoring_common import logits_of
+
+    a, b = logits_of(dense_out).float(), logits_of(slim_out).float()
+    if a.dim() != 2:
+        return float(F.mse_loss(b, a, reduction="sum") / a.shape[0])
+    return float(F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="sum"))
+
+
+def _cost(model: nn.Module, x: torch.Tensor, target: str) -> float:
+    from vitgraph.deploy.measure import count_flops, count_params
+
+    return float(count_flops(model, (x,)) if target == "flops" else count_params(model))
+
+
+@torch.no_grad()
+def choose_plan(model: nn.Module, analysis: Any, scores: Any, target: str, fraction: float,
+                data: Sequence[Any], x: torch.Tensor, plan_options: Optional[dict] = None,
+                kinds: Optional[Iterable[str]] = None, tol: float = 0.02,
+                reconstruct_options: Optional[dict] = None) -> tuple[Any, list[Candidate]]:
+    """The candidate plan of ``scores`` to ``target``/``fraction`` whose reconstruction is closest
+    to ``model`` on held-out calibration batches, and every candidate tried (best first).
+
+    ``data`` is a list of ``(inputs, targets)`` batches (the last quarter, at least one batch, is
+    held out); ``plan_options`` go to :func:`vitgraph.plan_to_target` (``round_to``, ``align``,
+    ``normalize``).
+    """
+    from vitgraph.api import compress
+    from vitgraph.passes.reconstruct import refit
+    from vitgraph.passes.scoring_common import split_batch
+    from vitgraph.targets import plan_to_target
+
+    if target not in ("flops", "params"):
+        raise PlanError(f"allocation candidates are compared at a flops or params target, got {target!r}")
+    data = list(data)
+    if len(data) < 2:
+        raise PlanError("choosing an allocation needs at least 2 calibration batches (one is held out)")
+    n_out = max(1, len(data) // 4)
+    fit, held = data[:-n_out], [split_batch(b)[0] for b in data[-n_out:]]
+    dense_cost = _cost(model, x, target)
+    dense_out = [model(*inp) for inp in held]
+    present = {g.kind for g in analysis.groups}
+    base = [k for k in (kinds or PRUNABLE_KINDS) if k in present]
+    tried: list[tuple[Candidate, Any]] = []
+    seen: set[str] = set()
+    for whole in KIND_SUBSETS:
+        if whole and not set(whole) & set(base):
+            continue
+        use = [k for k in base if k not in whole]
+        if not use:
+            continue
+        for mode in MODES:
+            try:
+                plan = plan_to_target(analysis, scores, target=target, fraction=fraction, kinds=use, mode=mode,
+                                      **(plan_options or {}))
+            except PlanError as e:
+                log.info("candidate %s without %s: %s", mode, whole, e)
+                continue
+            key = plan.to_json(indent=None)
+            if key in seen:
+                continue
+            seen.add(key)
+            slim = compress(model, plan, analysis).eval()
+            got = _cost(slim, x, target) / dense_cost
+            if got > fraction * (1 + tol) or got < fraction * (1 - tol):
+                log.info("candidate %s without %s lands at %.3f of a %.3f target: skipped", mode, whole, got, fraction)
+                continue
+            refit(slim, analysis, plan.selection(analysis), fit, progress=False, **(reconstruct_options or {}))
+            loss = sum(divergence(d, slim(*inp)) for d, inp in zip(dense_out, held))
+            tried.append((Candidate(mode, tuple(k for k in whole if k in present), got, loss), plan))
+            log.info("candidate %s: %s %.3f, held-out divergence %.4g", tried[-1][0].label, target, got, loss)
+    if not tried:
+        raise PlanError(f"no candidate allocation lands within {tol:.0%} of {target}:{fraction}")
+    tried.sort(key=lambda t: t[0].loss)
+    return tried[0][1], [c for c, _ in tried]
