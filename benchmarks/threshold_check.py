@@ -10,6 +10,8 @@ item 4:
 * ``kl``: ``vitgraph.score(model, an, "kl", data=proxy)`` + ``vitgraph.plan_to_target(an, s,
   target="flops", fraction=1 - f, mode="global", normalize=False, unit=criteria.UNIT)`` (criteria.md's
   allocation plan; kl scores compare across kinds, so they are not normalised per group);
+* ``tp-magnitude``: Torch-Pruning 1.6's group magnitude at the same FLOPs, as criteria.py runs it (the
+  best criterion after the short fine-tune at 50% on Fashion-MNIST in criteria.md);
 * ``threshold``: ``vitgraph.score(model, an, "threshold", data=proxy, target=1 - f, budget="flops")``
   + ``Plan.from_scores(an, s, ratio=None)`` (the learned widths), the model's weights untouched;
 * ``threshold-weights``: the same with ``train_weights=True`` (WDPruning trains the weights with the
@@ -48,7 +50,7 @@ sys.path.insert(0, str(HERE))
 import criteria as C  # noqa: E402
 
 OLD_COMMIT = "9fd7be7"
-CRITERIA = ("kl", "threshold", "threshold-weights", "threshold-depth", "old-threshold-widths", "old-threshold-p2t")
+CRITERIA = ("kl", "tp-magnitude", "threshold", "threshold-weights", "threshold-depth", "old-threshold-widths", "old-threshold-p2t")
 
 
 def old_threshold_module():
@@ -87,6 +89,12 @@ def slim_models(method: str, dense, an, px, py, fraction: float, a, seed: int) -
             an = vitgraph.analyze(model, px[:1])
         return {method: (vitgraph.compress(model, plan, an), sec,
                          {"learned_budget": res.learned_budget, "budget": res.budget})}
+    if method == "tp-magnitude":  # the peer, as criteria.py runs it: MetaPruner, FLOPs matched by bisection
+        from vitgraph.deploy.measure import count_flops
+
+        x1 = px[:1]
+        slim, _ = C.TorchPruning(dense, "magnitude", px, py, x1).at_flops(1 - fraction, count_flops(dense, (x1,)))
+        return {method: (slim, time.perf_counter() - t0, {})}
     if method == "threshold-depth":
         from vitgraph.deploy.measure import count_flops
         from vitgraph.passes.depth import add_exits, train_exits, truncate
@@ -193,7 +201,7 @@ def report(store: list, a, command: str, seconds: float) -> Path:
                          "per seed (before/after)": per_seed})
         mean = lambda crit, k: statistics.mean(r[k] for r in sel if r["criterion"] == crit)  # noqa: E731
         done = {c for c in a.criteria if sum(r["criterion"] == c for r in sel) == len(seeds)}
-        rivals = [c for c in done if c in ("kl",)]
+        rivals = [c for c in done if c in ("kl", "tp-magnitude")]
         for c in ("threshold", "threshold-weights"):
             if c in done and rivals and a.ft_steps:
                 best = max(rivals, key=lambda r: mean(r, "after"))
@@ -202,9 +210,10 @@ def report(store: list, a, command: str, seconds: float) -> Path:
                               f"{best} {100 * mean(best, 'after'):.1f} ({gap:+.1f} points): "
                               + ("within 1 point" if gap >= -1.0 else "NOT within 1 point")
                               + f"; before the fine-tune {100 * mean(c, 'before'):.1f} vs {100 * mean(best, 'before'):.1f}")
-    notes = (f"Command: `{command}` ({seconds / 60:.0f} min for what this invocation ran, 1 thread on a shared 2-core "
-             f"machine; rows accumulate in {a.store} across invocations).\n\n"
-             f"{int(100 * a.fraction)}% of the FLOPs removed. Cells: test accuracy in percent (the first {a.test_limit} "
+    notes = ((f"{a.note}\n\n" if a.note else
+              f"Command: `{command}` ({seconds / 60:.0f} min for what this invocation ran, 1 thread on a shared 2-core "
+              f"machine; rows accumulate in {a.store} across invocations).\n\n")
+             + f"{int(100 * a.fraction)}% of the FLOPs removed. Cells: test accuracy in percent (the first {a.test_limit} "
              "test images; digits has 500), mean ± sample std over seeds; 'per seed' gives before/after. Proxy set: the first "
              f"{a.proxy} images of the seed's shuffle of the training set (criteria.py's), batches of 64. "
              f"threshold: {a.threshold_steps} steps (library defaults otherwise: distillation weight 1, theta_lr 0.01, "
@@ -213,6 +222,7 @@ def report(store: list, a, command: str, seconds: float) -> Path:
              "sigmoid thresholds, no distillation); old-threshold-p2t = `plan_to_target(mode='global', "
              "normalize=False)` on its scores, criteria.md's `threshold` row. Fine-tune: criteria.finetune_copy, "
              f"{a.ft_steps} steps of batch 64, AdamW lr {a.ft_lr}, cosine, CE + 0.2 KL from the dense model. "
+             "tp-magnitude: criteria.TorchPruning (MetaPruner, global, head dims, FLOPs bisected to <= the target). "
              "kl: `plan_to_target(target='flops', fraction=1-f, mode='global', normalize=False, unit=criteria.UNIT)`. "
              f"threshold-depth: exit after block {a.exit_block}, {a.exit_steps} exit steps (AdamW lr 1e-3, CE), then "
              "the thresholds on the truncated model (its own unmasked output as the distillation teacher). "
@@ -239,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--store", type=Path, default=None, help="jsonl of rows (default: under --cache)")
     ap.add_argument("--name", default="threshold_check")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--note", default="", help="how the rows were made, in place of the command line")
     a = ap.parse_args(argv)
     a.datasets = a.datasets.split(",")
     a.seeds = [int(s) for s in a.seeds.split(",")]
