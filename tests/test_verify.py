@@ -88,3 +88,24 @@ def test_cli_compress_checks_unless_no_check(monkeypatch, tmp_path, capsys):
     assert "bc:qk" in err.out + err.err and "Traceback" not in err.err
     assert not (tmp_path / "a" / "model.pt").exists()  # nothing wrong is written
     assert main([*args, "--no-check", "--out", str(tmp_path / "b")]) == 0
+
+
+class RandomTokens(nn.Module):
+    """Adds fresh noise on every call (like ViTMAE's random masking): no two runs agree."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(CIN, 16), nn.Linear(16, NCLS)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x + torch.rand_like(x)))).mean(1)
+
+
+def test_verify_says_when_the_model_is_not_repeatable():
+    torch.manual_seed(0)
+    m = RandomTokens().eval()
+    an = vitgraph.analyze(m, inputs())
+    plan = vitgraph.Plan.from_scores(an, None, ratio=0.5, kinds=["ffn"])
+    assert plan.kept
+    with pytest.raises(vitgraph.CompressionMismatchError, match="different outputs on the same input"):
+        vitgraph.verify_compressed(m, vitgraph.compress(m, plan, an), plan, an, inputs())

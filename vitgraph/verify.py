@@ -56,9 +56,16 @@ def verify_compressed(model: nn.Module, slim: nn.Module, plan: Plan, analysis: A
     groups = {g.id: g for g in an.groups}
     pruned = {g: k for g, k in plan.kept.items() if g in groups and not _keeps_all(groups[g], k)}
     candidate = slim if sub.kept == pruned else compress(model, sub, an)
-    err = _output_error(candidate, mask(model, sub, an), xs)
+    masked = mask(model, sub, an)
+    err = _output_error(candidate, masked, xs)
     if err <= tol:
         return err
+    again = _output_error(masked, masked, xs)  # (only on a mismatch: is the model itself repeatable?)
+    if again > tol:
+        raise CompressionMismatchError(
+            f"cannot check the compressed model: the model gives different outputs on the same input "
+            f"(two runs differ by {again:.1e}; random masking or sampling in forward?); `--no-check` "
+            "(check=False) skips this check", group="", op=None)
     gid, gerr = _culprit(model, an, sub, xs, tol)
     one = replace(sub, kept={gid: sub.kept[gid]})
     where = _first_divergent_op(an, one, compress(model, one, an), xs, tol)
