@@ -195,7 +195,10 @@ def _tp_attention_forward(self, x, attn_mask=None, is_causal=False):
 
 
 class TorchPruning:
-    """MetaPruner (global pruning, head dims) with one importance, FLOPs matched by bisection."""
+    """MetaPruner (global pruning, head dims) with one importance, FLOPs matched by bisection;
+    ``global_pruning = False`` prunes every layer by the same ratio (Torch-Pruning's uniform mode)."""
+
+    global_pruning = True
 
     def __init__(self, dense, kind: str, px, py, x1) -> None:
         import torch_pruning as tp
@@ -252,7 +255,7 @@ class TorchPruning:
                 params[n].grad = torch.zeros_like(params[n])
             imp._counter = {params[n]: c for n, c in self.count.items()}
         pruner = tp.pruner.MetaPruner(
-            m, self.x1, importance=imp, global_pruning=True, pruning_ratio=ratio, max_pruning_ratio=0.9,
+            m, self.x1, importance=imp, global_pruning=self.global_pruning, pruning_ratio=ratio, max_pruning_ratio=0.9,
             ignored_layers=[m.head], num_heads={mod.qkv: mod.num_heads for mod in attn},
             prune_head_dims=True, prune_num_heads=False)
         for group in pruner.step(interactive=True):

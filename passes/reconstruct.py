@@ -135,12 +135,13 @@ class _Stats:
         self.n = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x, y = x.reshape(-1, x.shape[-1]).double(), y.reshape(-1, y.shape[-1]).double()
-        self.xx += x.T @ x
-        self.xy += x.T @ y
-        self.sx += x.sum(0)
-        self.sy += y.sum(0)
-        self.yy += float((y * y).sum())
+        # one batch's products in float32 (fast), summed over batches in float64
+        x, y = x.reshape(-1, x.shape[-1]).float(), y.reshape(-1, y.shape[-1]).float()
+        self.xx += (x.T @ x).double()
+        self.xy += (x.T @ y).double()
+        self.sx += x.double().sum(0)
+        self.sy += y.double().sum(0)
+        self.yy += float((y.double() ** 2).sum())
         self.n += x.shape[0]
 
     def error(self, w: torch.Tensor, b: Optional[torch.Tensor]) -> float:
