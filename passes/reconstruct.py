@@ -19,7 +19,8 @@ graph whose weight's input dim the plan narrows.  Both graphs are run node by no
 calibration batches at once (each node once per batch per model), so the whole pass costs one
 dense and one slim forward over the calibration set plus one solve per consumer; the live values
 of one graph cut are held per batch.  A refit that would raise the layer's calibration error
-(possible with damping) is not applied.
+(possible with damping) is not applied, and a layer with fewer calibration rows than twice its
+kept inputs (a classifier reading one token per image) gets the mean fold only.
 """
 from __future__ import annotations
 
@@ -243,7 +244,7 @@ def _refit_one(name: str, mod: nn.Linear, ref: nn.Linear, xs: list[torch.Tensor]
     w0 = mod.weight.detach().double().T
     b0 = mod.bias.detach().double() if mod.bias is not None else None
     before = st.error(w0, b0)
-    if mode == "bias":
+    if mode == "bias" or st.n < 2 * mod.in_features:  # too few rows to fit a weight: the mean fold only
         w, b = w0, (st.intercept(w0) if b0 is not None else None)
     else:
         w, b = st.solve(damping, b0 is not None)

@@ -11,13 +11,12 @@ group (``ChannelGroup.head_group``), never by names.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from vitgraph.errors import PlanError
 
 if TYPE_CHECKING:
     from vitgraph.analysis.engine import Analysis, ChannelGroup
-    from vitgraph.planning.plan import Plan
 
 ALIGNS = ("kernels",)
 KERNEL_MULTIPLE = {"residual": 64, "ffn": 64, "qk": 8, "v": 8, "other": 8, "head": 1}
@@ -71,7 +70,7 @@ def aligned_count(g: "ChannelGroup", n: int, round_to: int, min_width: int, alig
     return int(max(lo, n))
 
 
-def kernel_violations(analysis: "Analysis", plan: "Plan") -> list[str]:
+def kernel_violations(analysis: "Analysis", plan: Any) -> list[str]:
     """What in ``plan`` breaks ``align="kernels"`` (empty: nothing), one line per group or attention."""
     def kept(g: "ChannelGroup") -> int:
         k = plan.kept.get(g.id)
