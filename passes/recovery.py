@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 from vitgraph.passes.mask import kept_elements
 from vitgraph.passes.scoring_common import logits_of
 from vitgraph.passes.training import batches_per_epoch, fit, rank_loader
-from vitgraph.errors import ArgumentError
+from vitgraph.errors import ArgumentError, VitgraphError
 
 log = logging.getLogger("vitgraph.recovery")
 
@@ -78,7 +78,7 @@ class MaskKeeper:
 
     def __enter__(self) -> "MaskKeeper":
         if self._active:
-            raise RuntimeError("MaskKeeper is already active")
+            raise VitgraphError("MaskKeeper is already active")
         params = dict(self.model.named_parameters())
         masked = {id(params[n]): keep for n, keep in self._keep.items()}
         try:

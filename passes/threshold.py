@@ -41,7 +41,7 @@ from torch import nn
 from torch.func import functional_call
 
 from vitgraph.analysis.kinds import ALL_KINDS, BLOCK_KINDS
-from vitgraph.errors import PlanError
+from vitgraph.errors import PlanError, ScoreError
 from vitgraph.planning.planner import CostModel
 from vitgraph.passes.gates import GateSet
 from vitgraph.passes.scoring_common import default_loss, logits_of
@@ -196,7 +196,7 @@ def _make_gates(analysis: "Analysis", kinds: Sequence[str], round_to: int, init:
 
         mags = magnitude_scores(analysis, [g.id for g in groups])
     elif init != "uniform":
-        raise ValueError(f"init must be 'magnitude' or 'uniform', got {init!r}")
+        raise ScoreError(f"init must be 'magnitude' or 'uniform', got {init!r}")
     # per-head scores where every parameter slice of the group has its heads, else one per dim
     gate_set = GateSet(analysis, [g.id for g in groups], headless="share")
     gates = []
@@ -283,19 +283,19 @@ def learn_thresholds(
     the relative widths are learned, the total is the one asked for, whatever the multipliers did.
     """
     if analysis.model is not model:
-        raise ValueError("analysis was made for another model (call vitgraph.analyze(model, x) first)")
+        raise ScoreError("analysis was made for another model (call vitgraph.analyze(model, x) first)")
     if not 0.0 < target <= 1.0:
-        raise ValueError(f"target must be a remaining fraction in (0, 1], got {target}")
+        raise ScoreError(f"target must be a remaining fraction in (0, 1], got {target}")
     if budget not in ("params", "flops"):
-        raise ValueError(f"budget must be 'params' or 'flops', got {budget!r}")
+        raise ScoreError(f"budget must be 'params' or 'flops', got {budget!r}")
     if penalty not in ("above", "both"):
-        raise ValueError(f"penalty must be 'above' (only while over budget) or 'both', got {penalty!r}")
+        raise ScoreError(f"penalty must be 'above' (only while over budget) or 'both', got {penalty!r}")
     if steps is not None and steps < 0:
-        raise ValueError(f"steps must be >= 0, got {steps}")
+        raise ScoreError(f"steps must be >= 0, got {steps}")
     if distill < 0:
-        raise ValueError(f"distill must be >= 0, got {distill}")
+        raise ScoreError(f"distill must be >= 0, got {distill}")
     if not 0.0 <= warmup <= 1.0:
-        raise ValueError(f"warmup must be a fraction of the steps in [0, 1], got {warmup}")
+        raise ScoreError(f"warmup must be a fraction of the steps in [0, 1], got {warmup}")
     loss_fn = loss_fn or default_loss
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     gm = copy.deepcopy(analysis.graph_module).to(dev)
@@ -424,7 +424,7 @@ def _calibrate(gates: Sequence[_Gate], cost: "_Budget", target: float, dev: torc
 def budget_of(analysis: "Analysis", keep: Mapping[str, int], budget: str = "params") -> float:
     """Remaining parameter or FLOPs fraction when each group in ``keep`` keeps that many units."""
     if budget not in ("params", "flops"):
-        raise ValueError(f"budget must be 'params' or 'flops', got {budget!r}")
+        raise ScoreError(f"budget must be 'params' or 'flops', got {budget!r}")
     for gid, k in keep.items():
         g = analysis.group(gid)
         if not 1 <= k <= g.size:

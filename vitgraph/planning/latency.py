@@ -31,6 +31,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from vitgraph.errors import ArgumentError, UnknownGroupError
+
 RUNTIMES = ("torch-cpu", "ort-cpu", "torch-cuda", "ort-cuda")
 FAMILIES = {"linear": 3, "bmm": 4, "sdpa": 5, "eltwise": 1}
 
@@ -94,9 +96,9 @@ class LatencyTable:
         entries: Optional[dict[str, float]] = None,
     ) -> None:
         if runtime not in RUNTIMES:
-            raise ValueError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+            raise ArgumentError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
         if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
+            raise ArgumentError(f"batch must be >= 1, got {batch}")
         self.runtime = runtime
         self.batch = int(batch)
         self.threads = threads
@@ -125,7 +127,7 @@ class LatencyTable:
     def lookup(self, family: str, dims: Sequence[float], vary: Optional[Sequence[bool]] = None) -> float:
         """Latency in ms of one op, multilinear in the ``vary`` dims between grid points."""
         if family not in FAMILIES or len(dims) != FAMILIES[family]:
-            raise ValueError(f"unknown op family {family!r} or wrong dims {tuple(dims)}")
+            raise ArgumentError(f"unknown op family {family!r} or wrong dims {tuple(dims)}")
         vary = tuple(vary) if vary is not None else (True,) * len(dims)
         brackets = []
         for d, v in zip(dims, vary):
@@ -150,7 +152,7 @@ class LatencyTable:
         if hit is not None:
             return hit
         if not self.measure:
-            raise KeyError(f"latency table has no point {key} and measuring is off")
+            raise UnknownGroupError(f"latency table has no point {key} and measuring is off")
         ms = self._measure(family, dims)
         self.entries[key] = ms
         self.fresh.add(key)
