@@ -85,7 +85,8 @@ def test_prune_command_end_to_end_reloads_without_pickle(pruned):
         assert (out / f).is_file(), f
     assert not list(out.glob("*.pt"))
     report = (out / "report.md").read_text()
-    for row in ("| dense |", "| pruned |", "| fine-tuned |", "## Widths", "blocks.1.mlp:ffn"):
+    for row in ("| dense |", "| pruned |", "| fine-tuned |", "## Widths", "blocks.1.mlp:ffn",
+                "(chosen by held-out loss after reconstruction); reconstruction on."):
         assert row in report
     assert json.loads((out / "preprocess.json").read_text())["config"]["input_size"] == [3, 16, 16]
 

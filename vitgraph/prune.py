@@ -341,7 +341,9 @@ def prune(
         if reconstruct:
             slim = run.reconstruct(current, slim, plan, an)
         pruned_top1 = journal.run(f"round{k}.pruned", lambda: {"top1": top1(slim, f"pruned top-1 ({k}/{steps})")})["top1"]
-        round_log.append({"round": k, "goal": goal, "flops": _flops(slim, x), "top1": pruned_top1})
+        round_log.append({"round": k, "goal": goal, "flops": _flops(slim, x), "top1": pruned_top1,
+                          "allocation": run.candidates[0]["label"] if run.candidates else None,
+                          "reconstructed": bool(reconstruct)})
         ep, max_steps = shares[k - 1]
         if ep and max_steps != 0:
             losses += run.finetune(k, slim, train_data, ep, max_steps, lr, alpha, amp)
@@ -597,6 +599,10 @@ def _write(out: Path, r: PruneResult, source: Any, x: torch.Tensor, runtime: str
              f"Latency: median at batch 1 on {runtime} (pruned and fine-tuned share one architecture). "
              f"FLOPs fraction {r.flops_fraction:.3f}; ONNX parity max abs diff {rep.max_abs_diff:.2e}.{int8_line}", "",
              r.table()]
+    chosen = ", ".join(d["allocation"] for d in r.rounds if d.get("allocation"))
+    how = f"{chosen} (chosen by held-out loss after reconstruction)" if chosen else "the criterion's plan"
+    refit = "on" if r.rounds and r.rounds[-1].get("reconstructed") else "off"
+    lines += ["", f"Allocation: {how}; reconstruction {refit}."]
     if len(r.rounds) > 1:
         dense_flops = r.stages["dense"].flops
         lines += ["", "## Rounds", "", "| round | goal (of dense FLOPs/cost) | FLOPs fraction | top-1 after pruning (%) |",
