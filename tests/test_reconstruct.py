@@ -115,3 +115,26 @@ def test_bad_arguments_are_named():
         reconstruct(slim, model, [], plan=plan)
     with pytest.raises(vitgraph.VitgraphError, match="vitgraph.compress"):
         reconstruct(model, model, _data(), plan=plan)
+
+
+def test_choose_plan_keeps_the_candidate_closest_to_dense_after_reconstruction():
+    from vitgraph.allocation import choose_plan, divergence
+    from vitgraph.deploy.measure import count_flops
+
+    model, x = _vit(3), torch.randn(1, 3, 16, 16)
+    an = vitgraph.analyze(model, x)
+    data = _data(4)
+    plan, tried = choose_plan(model, an, None, "flops", 0.5, data, x, plan_options=dict(round_to=8))
+    assert len(tried) >= 2 and [c.loss for c in tried] == sorted(c.loss for c in tried)
+    assert all(abs(c.fraction - 0.5) <= 0.01 for c in tried)
+    slim = vitgraph.compress(model, plan, an)
+    assert abs(count_flops(slim, (x,)) / count_flops(model, (x,)) - 0.5) <= 0.01
+    # the winner's held-out divergence is the one reported first
+    refit(slim, an, plan.selection(an), data[:-1], progress=False)
+    held = data[-1][0]
+    with torch.no_grad():
+        assert divergence(model(held), slim(held)) == pytest.approx(tried[0].loss, rel=1e-4)
+    with pytest.raises(vitgraph.PlanError, match="at least 2"):
+        choose_plan(model, an, None, "flops", 0.5, data[:1], x)
+    with pytest.raises(vitgraph.PlanError, match="flops or params"):
+        choose_plan(model, an, None, "latency", 0.5, data, x)
