@@ -248,6 +248,14 @@ def checks(rows: list[dict]) -> list[str]:
                          and r["criterion"] == crit and r.get(stage) is not None]
                     return statistics.mean(v) if v else None
                 vg = mean("vg-default")
+                if stage == "before" and vg is not None:
+                    seeds = {r["seed"] for r in rows if r["dataset"] == name and r["fraction"] == f
+                             and r["criterion"] == "vg-default"}
+                    dense = statistics.mean(r["before"] for r in rows if r["dataset"] == name
+                                            and r["protocol"] == "dense" and r["seed"] in seeds)
+                    out.append(f"- {name}, {f:.0%} removed, no fine-tuning: vg-default {100 * vg:.1f} vs dense "
+                               f"{100 * dense:.1f} (same seeds), cost {100 * (dense - vg):.1f} points: "
+                               f"{'PASS' if dense - vg <= 0.02 else 'FAIL'} (<= 2)")
                 peers = {c: mean(c) for c in TP}
                 peers = {c: v for c, v in peers.items() if v is not None}
                 if vg is None or not peers:
