@@ -204,8 +204,10 @@ def report(rows: list[dict], a, command: str) -> str:
         + "; ".join(f"{n}: width {w}, depth {d}, {h} heads, patch {p}, {e} epochs" for n, (_, w, d, h, p, e)
                     in MODELS.items() if any(r["dataset"] == n for r in rows)) + ".",
         f"Test top-1 on the first {a.test_limit} test images; short fine-tune {a.ft_steps} steps of batch 64 "
-        f"(lr {a.ft_lr}, CE + 0.2 KL from the dense model); long fine-tune {a.long_ft_steps} steps (lr "
-        f"{a.long_ft_lr}, NViT's loss) at {', '.join(f'{f:.0%}' for f in a.long_fractions) or 'no'} removed. "
+        f"(lr {a.ft_lr}, CE + 0.2 KL from the dense model); "
+        + (f"long fine-tune {a.long_ft_steps} steps (lr {a.long_ft_lr}, NViT's loss) at "
+           f"{', '.join(f'{f:.0%}' for f in a.long_fractions)} removed. " if a.long_fractions
+           else "long fine-tune: not run (--long-fractions). ") +
         "Every pruned model is fine-tuned the same way. `vg-default` is `vitgraph.prune(..., finetune_epochs=0)` at "
         "its defaults (kl on 512 images, allocation by held-out loss after reconstruction, reconstruction on); "
         "`vg-kl-norecon` turns reconstruction (and with it the allocation search) off; Torch-Pruning rows are "
