@@ -111,7 +111,7 @@ def _consumers(slim: fx.GraphModule, dense: fx.GraphModule) -> list[fx.Node]:
             calls[n.target] = calls.get(n.target, 0) + 1
     out = []
     for n in slim.graph.nodes:
-        if n.op != "call_module" or calls[n.target] != 1:
+        if n.op != "call_module" or calls[n.target] != 1 or not n.args or not isinstance(n.args[0], fx.Node):
             continue
         mod = slim.get_submodule(n.target)
         try:
