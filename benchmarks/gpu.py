@@ -47,13 +47,15 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 import vitgraph
 from vitgraph.deploy.measure import _markdown_table, format_table, machine_info, measure_latency, torch_runner
 from vitgraph.planning.align import attention_pairs, kernel_violations
 from vitgraph.planning.latency import LatencyTable
 from vitgraph.planning.planner import CostModel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from align_kernels import SDPAShapes  # noqa: E402  (one recorder of fused-attention head dims)
 
 DEFAULT_MODELS = ["deit_small_patch16_224", "vit_base_patch16_224"]
 VARIANTS = ("dense", "global", "aligned")
@@ -212,19 +214,6 @@ def _err(e: BaseException) -> str:
 
 def _sync() -> None:
     torch.cuda.synchronize()
-
-
-class SDPAShapes(TorchFunctionMode):
-    """The (q, k, v) last dims of every F.scaled_dot_product_attention call."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.dims: set[tuple[int, int, int]] = set()
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") == "scaled_dot_product_attention":
-            self.dims.add(tuple(int(t.shape[-1]) for t in args[:3]))
-        return func(*args, **(kwargs or {}))
 
 
 class Ctx:

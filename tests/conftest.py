@@ -78,3 +78,23 @@ def folders(tmp_path_factory):
     write_image_folder(root / "train", 8, 0)
     write_image_folder(root / "val", 4, 1)
     return root / "train", root / "val"
+
+
+class FlopTable(vitgraph.LatencyTable):
+    """A latency table whose 'measurements' are a FLOP formula (deterministic, instant)."""
+
+    def __init__(self, batch: int = 1) -> None:
+        super().__init__("torch-cpu", batch=batch, cache_dir=False)
+        self.path = None
+
+    def _measure(self, family, dims):
+        if family == "linear":
+            m, k, n = dims
+            return 1e-6 * m * k * n + 0.01
+        if family == "bmm":
+            b, m, k, n = dims
+            return 1e-6 * b * m * k * n + 0.01
+        if family == "sdpa":
+            b, lq, s, e, ev = dims
+            return 1e-6 * b * lq * s * (e + ev) + 0.01
+        return 1e-7 * dims[0]

@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 import vitgraph
 from vitgraph import CostModel, PlanError, plan_to_target
 from vitgraph.planning.align import attention_pairs, kernel_violations
+from conftest import FlopTable
 
 TOL = 0.02
 
@@ -188,31 +189,11 @@ def test_prune_align_kernels():
     json.dumps(r.plan.kept)
 
 
-class FormulaTable(vitgraph.LatencyTable):
-    """A latency table whose 'measurements' are a FLOP formula plus a launch cost (deterministic, instant)."""
-
-    def __init__(self) -> None:
-        super().__init__("torch-cpu", batch=1, cache_dir=False)
-        self.path = None
-
-    def _measure(self, family, dims):
-        if family == "linear":
-            m, k, n = dims
-            return 1e-6 * m * k * n + 0.01
-        if family == "bmm":
-            b, m, k, n = dims
-            return 1e-6 * b * m * k * n + 0.01
-        if family == "sdpa":
-            b, lq, s, e, ev = dims
-            return 1e-6 * b * lq * s * (e + ev) + 0.01
-        return 1e-7 * dims[0]
-
-
 @pytest.mark.parametrize("align", [None, "kernels"])
 def test_predicted_latency_target_lands_within_2pct(align):
     model, x = _deit_tiny()
     an = vitgraph.analyze(model, x)
-    table, cm = FormulaTable(), CostModel(an)
+    table, cm = FlopTable(), CostModel(an)
     dense = cm.latency({}, table)
     for fraction in (0.3, 0.5, 0.7):
         plan = plan_to_target(an, target="latency", fraction=fraction, round_to=8, latency_table=table, align=align)

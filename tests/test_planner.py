@@ -12,7 +12,7 @@ from vitgraph import CostModel, LatencyTable, PlanError, plan_to_target
 from vitgraph.deploy.export import onnx_op_types
 from vitgraph.deploy.measure import count_flops, count_params
 
-from conftest import tiny_vit
+from conftest import FlopTable, tiny_vit
 
 KINDS = ("residual", "head", "qk", "v", "ffn")
 
@@ -29,26 +29,6 @@ def widths_of(an, plan) -> dict[str, int]:
     for gid, k in plan.kept.items():
         out[gid] = len(k[0]) if isinstance(k[0], list) else len(k)
     return out
-
-
-class FlopTable(LatencyTable):
-    """A latency table whose 'measurements' are a FLOP formula (deterministic, instant)."""
-
-    def __init__(self, batch: int = 1) -> None:
-        super().__init__("torch-cpu", batch=batch, cache_dir=False)
-        self.path = None
-
-    def _measure(self, family, dims):
-        if family == "linear":
-            m, k, n = dims
-            return 1e-6 * m * k * n + 0.01
-        if family == "bmm":
-            b, m, k, n = dims
-            return 1e-6 * b * m * k * n + 0.01
-        if family == "sdpa":
-            b, lq, s, e, ev = dims
-            return 1e-6 * b * lq * s * (e + ev) + 0.01
-        return 1e-7 * dims[0]
 
 
 def test_cost_model_matches_counts(setup):
