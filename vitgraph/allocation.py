@@ -8,8 +8,9 @@ itself, which no refit of a consumer recovers.  :func:`choose_plan` therefore pl
 candidate allocations to the same target from the same scores (global and uniform, over all
 prunable kinds and over subsets that leave the kinds reconstruction cannot repair whole), compresses
 and reconstructs each on the first part of the calibration batches, and keeps the one whose output
-is closest to the dense model's on the held-out rest (KL of the class distributions; mean squared
-error for outputs that are not logits).  The candidates' costs are counted on the compressed
+is closest to the dense model's on the held-out rest (KL of the class distributions; for a model
+without class logits the feature-distillation error, the squared error of every output tensor
+relative to the dense one's).  The candidates' costs are counted on the compressed
 models, and one that misses the target by more than ``tol`` is not considered.
 """
 from __future__ import annotations
@@ -19,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vitgraph.analysis.kinds import PRUNABLE_KINDS
@@ -47,14 +47,15 @@ class Candidate:
         return f"{self.mode}{whole}"
 
 
-def divergence(dense_out: Any, slim_out: Any) -> float:
-    """KL(dense || slim) of the first output's class distributions (MSE when it is not 2-D logits)."""
-    from vitgraph.passes.scoring_common import logits_of
+def divergence(dense_out: Any, slim_out: Any, objective: Optional[str] = None) -> float:
+    """How far ``slim_out`` is from ``dense_out``, summed over the batch: KL(dense || slim) of the class
+    distributions for ``"logits"``, the feature-distillation error for ``"features"`` (default: the
+    kind of ``dense_out``, :func:`~vitgraph.passes.scoring_common.output_kind`)."""
+    from vitgraph.passes.scoring_common import output_divergence, output_kind, output_tensors
 
-    a, b = logits_of(dense_out).float(), logits_of(slim_out).float()
-    if a.dim() != 2:
-        return float(F.mse_loss(b, a, reduction="sum") / a.shape[0])
-    return float(F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="sum"))
+    kind = objective or output_kind(dense_out)
+    batch = output_tensors(dense_out)[0].shape[0]
+    return float(output_divergence(slim_out, dense_out, kind)) * batch
 
 
 def _cost(model: nn.Module, x: torch.Tensor, target: str) -> float:
@@ -67,17 +68,18 @@ def _cost(model: nn.Module, x: torch.Tensor, target: str) -> float:
 def choose_plan(model: nn.Module, analysis: Any, scores: Any, target: str, fraction: float,
                 data: Sequence[Any], x: torch.Tensor, plan_options: Optional[dict] = None,
                 kinds: Optional[Iterable[str]] = None, tol: float = 0.02,
-                reconstruct_options: Optional[dict] = None) -> tuple[Any, list[Candidate]]:
+                reconstruct_options: Optional[dict] = None, objective: Optional[str] = None,
+                ) -> tuple[Any, list[Candidate]]:
     """The candidate plan of ``scores`` to ``target``/``fraction`` whose reconstruction is closest
     to ``model`` on held-out calibration batches, and every candidate tried (best first).
 
     ``data`` is a list of ``(inputs, targets)`` batches (the last quarter, at least one batch, is
     held out); ``plan_options`` go to :func:`vitgraph.plan_to_target` (``round_to``, ``align``,
-    ``normalize``).
+    ``normalize``); ``objective`` picks the :func:`divergence` (default: from the model's output).
     """
     from vitgraph.api import compress
     from vitgraph.passes.reconstruct import refit
-    from vitgraph.passes.scoring_common import split_batch
+    from vitgraph.passes.scoring_common import output_kind, split_batch
     from vitgraph.targets import plan_to_target
 
     if target not in ("flops", "params"):
@@ -89,6 +91,7 @@ def choose_plan(model: nn.Module, analysis: Any, scores: Any, target: str, fract
     fit, held = data[:-n_out], [split_batch(b)[0] for b in data[-n_out:]]
     dense_cost = _cost(model, x, target)
     dense_out = [model(*inp) for inp in held]
+    objective = objective or output_kind(dense_out[0], model)
     present = {g.kind for g in analysis.groups}
     base = [k for k in (kinds or PRUNABLE_KINDS) if k in present]
     tried: list[tuple[Candidate, Any]] = []
@@ -110,13 +113,13 @@ def choose_plan(model: nn.Module, analysis: Any, scores: Any, target: str, fract
             if key in seen:
                 continue
             seen.add(key)
-            slim = compress(model, plan, analysis).eval()
+            slim = compress(model, plan, analysis, keep_api=False).eval()
             got = _cost(slim, x, target) / dense_cost
             if got > fraction * (1 + tol) or got < fraction * (1 - tol):
                 log.info("candidate %s without %s lands at %.3f of a %.3f target: skipped", mode, whole, got, fraction)
                 continue
             refit(slim, analysis, plan.selection(analysis), fit, progress=False, **(reconstruct_options or {}))
-            loss = sum(divergence(d, slim(*inp)) for d, inp in zip(dense_out, held))
+            loss = sum(divergence(d, slim(*inp), objective) for d, inp in zip(dense_out, held))
             tried.append((Candidate(mode, tuple(k for k in whole if k in present), got, loss), plan))
             log.info("candidate %s: %s %.3f, held-out divergence %.4g", tried[-1][0].label, target, got, loss)
     if not tried:

@@ -58,15 +58,21 @@ def _same_modes(out: nn.Module, model: nn.Module) -> nn.Module:
 
 
 @holds_existing_objects
-def compress(model: nn.Module, plan: Plan, analysis: Optional[Analysis] = None) -> nn.Module:
+def compress(model: nn.Module, plan: Plan, analysis: Optional[Analysis] = None, *,
+             keep_api: bool = True) -> nn.Module:
     """A new, smaller module that computes what ``plan`` keeps of ``model``; ``model`` is untouched.
 
-    The result is in the model's mode (train or eval, module by module).
+    The result is in the model's mode (train or eval, module by module).  With ``keep_api`` it
+    also offers the model's public tensor methods (``forward_features``, ``forward_head``, ...),
+    its plain attributes (``num_classes``, ``pretrained_cfg``, an HF ``config``) and
+    ``reset_classifier`` (see ``vitgraph.passes.keep_api``).
     """
+    from vitgraph.passes.keep_api import keep_api as attach
     from vitgraph.passes.slim import slim
 
     an = analysis_for(model, plan, analysis)
-    return _same_modes(slim(an, plan.selection(an)), model)
+    out = _same_modes(slim(an, plan.selection(an)), model)
+    return attach(out, model, an, plan) if keep_api else out
 
 
 @holds_existing_objects

@@ -19,11 +19,12 @@ from torch import nn
 
 from vitgraph.errors import VitgraphError
 
-__all__ = ["SOURCE_FILE", "PLAN_FILE", "WEIGHTS_FILE", "SPARSITY_FILE", "Source", "is_artifact", "load",
+__all__ = ["SOURCE_FILE", "PLAN_FILE", "WEIGHTS_FILE", "SPARSITY_FILE", "CLASSIFIER_FILE", "Source", "is_artifact", "load",
            "save"]
 
 SOURCE_FILE, PLAN_FILE, WEIGHTS_FILE = "source.json", "plan.json", "model.safetensors"
 SPARSITY_FILE = "sparsity24.json"  # written by vitgraph sparsify: the 2:4 layers, whose masks load restores
+CLASSIFIER_FILE = "classifier.json"  # written when the model's classifier was reset: load resets it again
 _KINDS = ("timm", "torchvision", "transformers", "vitgraph")
 SOURCE_VERSION = 1
 
@@ -117,6 +118,7 @@ def save(out: Union[str, Path], module: nn.Module, plan: Any, source: Source) ->
     (out / WEIGHTS_FILE).unlink(missing_ok=True)
     write_atomic(out / SOURCE_FILE, json.dumps({"vitgraph_source": SOURCE_VERSION} | source.to_dict(), indent=1))
     write_atomic(out / PLAN_FILE, plan.to_json())
+    _save_classifier(out, module)
     partial = out / f".{WEIGHTS_FILE}.partial"
     save_model(module, str(partial))
     # safetensors creates its file 0600; the weights get the mode the user's umask gives the others
@@ -158,6 +160,7 @@ def load(path: Union[str, Path]) -> nn.Module:
         raise VitgraphError(f"cannot read {path / PLAN_FILE}: {e.strerror or e}") from e
     torch.manual_seed(0)
     slim = compress(source.build(), plan)
+    _load_classifier(path, slim)
     weights = path / WEIGHTS_FILE
     try:
         load_model(slim, str(weights), strict=True)
@@ -168,6 +171,31 @@ def load(path: Union[str, Path]) -> nn.Module:
     if (path / SPARSITY_FILE).is_file():
         _restore_24(slim, path / SPARSITY_FILE)
     return slim.eval()
+
+
+def _save_classifier(out: Path, module: nn.Module) -> None:
+    from vitgraph.journal import write_atomic
+    from vitgraph.passes.keep_api import CLASSIFIER_ATTR
+
+    rec = getattr(module, CLASSIFIER_ATTR, None)
+    if rec is None:
+        (out / CLASSIFIER_FILE).unlink(missing_ok=True)
+    else:
+        write_atomic(out / CLASSIFIER_FILE, json.dumps(rec))
+
+
+def _load_classifier(path: Path, slim: nn.Module) -> None:
+    """Repeat a ``reset_classifier(n)`` the saved model had (its new layer's weights come next)."""
+    where = path / CLASSIFIER_FILE
+    if not where.is_file():
+        return
+    try:
+        n = json.loads(where.read_text())["num_classes"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise VitgraphError(f"{where}: cannot read the reset classifier: {e}") from e
+    if not callable(getattr(slim, "reset_classifier", None)):
+        raise VitgraphError(f"{where}: the model its source and plan build has no reset_classifier")
+    slim.reset_classifier(n)
 
 
 def _restore_24(model: nn.Module, where: Path) -> None:

@@ -212,7 +212,7 @@ def check_model(
         rep.unruled = sorted({w for _, w in an.unruled})
         step = "compress"
         plan = Plan.random(an, ratio, seed=seed)
-        slim = compress(model, plan, an)
+        slim = compress(model, plan, an, keep_api=False)
         step = "run"
         with torch.no_grad():
             full_ref, full_out = model(x), slim(x)
@@ -225,7 +225,7 @@ def check_model(
         step = "masked equivalence"
         inner = _comparable(an, Plan.random(an, ratio, kinds=BLOCK_KINDS, seed=seed + 1))
         with torch.no_grad():
-            rep.masked_rel_err = _rel(_first(compress(model, inner, an)(x)), _first(mask(model, inner, an)(x)))
+            rep.masked_rel_err = _rel(_first(compress(model, inner, an, keep_api=False)(x)), _first(mask(model, inner, an)(x)))
         if onnx:
             step = "ONNX export"
             rep.onnx_opset, rep.onnx_rel_err = _onnx_parity(slim, x, out)
@@ -258,7 +258,7 @@ def _check_plan(model: nn.Module, an: "Analysis", x: torch.Tensor, name: str, pl
         return res
     step = "compress"
     try:
-        slim = compress(model, plan, an)
+        slim = compress(model, plan, an, keep_api=False)
         step = "run"
         with torch.no_grad():
             full_ref, full_out = model(x), slim(x)
@@ -267,7 +267,7 @@ def _check_plan(model: nn.Module, an: "Analysis", x: torch.Tensor, name: str, pl
         step = "masked equivalence"
         inner = _comparable(an, replace(plan, kept=dict(plan.kept)))
         with torch.no_grad():
-            got = out if inner.kept == plan.kept else _first(compress(model, inner, an)(x))
+            got = out if inner.kept == plan.kept else _first(compress(model, inner, an, keep_api=False)(x))
             res.masked_rel_err = _rel(got, _first(mask(model, inner, an)(x)))
         if onnx:
             step = "ONNX export"

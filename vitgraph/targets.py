@@ -169,7 +169,7 @@ def _calibrated(analysis: "Analysis", fraction: float, args: dict, rounds: int, 
             if not tried:
                 raise
             break
-        slim = compress(model, plan, analysis)
+        slim = compress(model, plan, analysis, keep_api=False)
         achieved, dense_ms, slim_ms = measure_fraction(model, slim, table, shape, cache=cache, seconds=seconds)
         if history is not None:
             history.append({"round": i, "planned_fraction": f, "predicted": cost / dense, "achieved": achieved,

@@ -55,7 +55,7 @@ def verify_compressed(model: nn.Module, slim: nn.Module, plan: Plan, analysis: A
     xs = _inputs(plan, inputs)
     groups = {g.id: g for g in an.groups}
     pruned = {g: k for g, k in plan.kept.items() if g in groups and not _keeps_all(groups[g], k)}
-    candidate = slim if sub.kept == pruned else compress(model, sub, an)
+    candidate = slim if sub.kept == pruned else compress(model, sub, an, keep_api=False)
     masked = mask(model, sub, an)
     err = _output_error(candidate, masked, xs)
     if err <= tol:
@@ -68,7 +68,7 @@ def verify_compressed(model: nn.Module, slim: nn.Module, plan: Plan, analysis: A
             "(check=False) skips this check", group="", op=None)
     gid, gerr = _culprit(model, an, sub, xs, tol)
     one = replace(sub, kept={gid: sub.kept[gid]})
-    where = _first_divergent_op(an, one, compress(model, one, an), xs, tol)
+    where = _first_divergent_op(an, one, compress(model, one, an, keep_api=False), xs, tol)
     g = an.group(gid)
     raise CompressionMismatchError(
         f"the compressed model differs from the masked model by {err:.1e} (relative, tolerance {tol:.0e}) "
@@ -134,7 +134,7 @@ def _culprit(model: nn.Module, an: Any, sub: Plan, xs: tuple, tol: float) -> tup
 
     def err(ids: list[str]) -> float:
         part = replace(sub, kept={g: sub.kept[g] for g in ids})
-        return _output_error(compress(model, part, an), mask(model, part, an), xs)
+        return _output_error(compress(model, part, an, keep_api=False), mask(model, part, an), xs)
 
     ids = list(sub.kept)
     while len(ids) > 1:

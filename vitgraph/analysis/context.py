@@ -48,6 +48,7 @@ class RuleContext:
         self.node: Optional[fx.Node] = None
         self.unruled: list[tuple[str, str]] = []
         self.protect_outputs = True  # model outputs keep their widths
+        self.channel_inputs = False  # model inputs carry no channels
 
     # -- reading ----------------------------------------------------------------------------
     def dims(self, arg: Any) -> Any:

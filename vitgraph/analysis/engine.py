@@ -215,12 +215,13 @@ def check_model(model: Any) -> None:
 
 @holds_existing_objects
 def analyze(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]], *,
-            prune_outputs: bool = False) -> Analysis:
+            prune_outputs: bool = False, channel_inputs: bool = False) -> Analysis:
     """Trace ``model`` on ``example_inputs`` and find its coupled channel groups.
 
     Model outputs keep their widths unless ``prune_outputs`` is true: then channels that reach an
     output are prunable too, and the compressed model's outputs are narrower (a feature
-    extractor whose embedding width a new head will be trained on).
+    extractor whose embedding width a new head will be trained on).  ``channel_inputs`` gives
+    the inputs channels too, for a graph that reads another's activations (a ``forward_head``).
     """
     check_model(model)
     if not isinstance(prune_outputs, bool):
@@ -230,6 +231,7 @@ def analyze(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch
     store = AxisStore()
     ctx = RuleContext(gm, store)
     ctx.protect_outputs = not prune_outputs
+    ctx.channel_inputs = bool(channel_inputs)
     for node in gm.graph.nodes:
         ctx.node = node
         try:

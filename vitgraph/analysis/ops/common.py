@@ -109,10 +109,14 @@ def broadcast(ctx: RuleContext, operands: Sequence[TensorDims], out_shape: Seque
 
 
 def placeholder_dims(ctx: RuleContext, node: fx.Node) -> Any:
-    """Model inputs carry no prunable channels."""
+    """Model inputs carry no prunable channels, unless the graph reads another graph's activations
+    (``ctx.channel_inputs``, a method such as ``forward_head``): then each dim is a fresh axis that
+    the ops decide about, as they do for any activation."""
     shp = ctx.out_shape()
     if shp is None:
         return None
+    if ctx.channel_inputs:
+        return TensorDims(shp, tuple(ctx.fresh(s, f"input {node.name} dim {d}") for d, s in enumerate(shp)), True)
     return TensorDims(shp, (None,) * len(shp), True)
 
 
