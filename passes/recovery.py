@@ -1,12 +1,15 @@
 """Recovery: fine-tune a pruned model with distillation from the original.
 
-Two losses, as the papers' code uses them:
+Three losses, two as the papers' code uses them:
 
 * ``"upvit"``: ``CE(y, p) + alpha * KL(q || p)``, ``q`` the teacher's softmax (UP-ViT, alpha 0.2).
 * ``"nvit"``: ``kd_weight * tau^2 * KL(q_tau || p_tau)`` on the whole output (NViT, tau 20) plus
   DeiT's hard distillation when a CNN teacher is given: the distillation-token logits learn the
   CNN's argmax while the class-token logits learn the labels (a model without a distillation
   output learns both from its one output).
+* ``"features"``: feature distillation, for models without class logits (backbones, embedding
+  models) or data without labels: the normalised MSE of every floating output tensor against
+  the teacher's (``scoring_common.feature_loss``); no labels are read.
 
 Masked fine-tuning keeps a plan's removed channels at zero (:class:`MaskKeeper`: a
 ``torch.nn.utils.parametrize`` mask on each pruned parameter while fine-tuning runs).  Training runs
@@ -26,13 +29,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from vitgraph.passes.mask import kept_elements
-from vitgraph.passes.scoring_common import logits_of
+from vitgraph.passes.scoring_common import feature_loss, logits_of, output_divergence
 from vitgraph.passes.training import batches_per_epoch, fit, rank_loader
 from vitgraph.errors import ArgumentError, VitgraphError
 
 log = logging.getLogger("vitgraph.recovery")
 
-LOSSES = ("upvit", "nvit", "ce")
+LOSSES = ("upvit", "nvit", "ce", "features")
 
 
 @dataclass
@@ -106,18 +109,21 @@ def distill_loss(
     student_out: Any, targets: torch.Tensor, teacher_logits: Optional[torch.Tensor], loss: str = "upvit",
     alpha: float = 0.2, tau: float = 20.0, kd_weight: float = 1.0, cnn_logits: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The recovery loss of one batch (see the module docstring)."""
-    if loss not in LOSSES:
-        raise ArgumentError(f"loss must be one of {LOSSES}, got {loss!r}")
+    """The recovery loss of one batch from class logits (see the module docstring; ``"features"``
+    compares whole outputs: :func:`~vitgraph.passes.scoring_common.feature_loss`)."""
+    if loss not in LOSSES or loss == "features":
+        raise ArgumentError(f"loss must be one of {LOSSES[:-1]}, got {loss!r}")
+    if targets is None:
+        raise ArgumentError(f"the {loss} loss trains on labels and the batch has none: without labels use "
+                            "loss='features' (distillation of the teacher's outputs)")
     outs = list(student_out) if isinstance(student_out, (tuple, list)) else [student_out]
-    cls_logits = logits_of(outs[0])
-    dist_logits = logits_of(outs[1]) if len(outs) > 1 else None
+    cls_logits = logits_of(outs[0]).float()  # in float32: a log-softmax over bfloat16 loses small probabilities
+    dist_logits = logits_of(outs[1]).float() if len(outs) > 1 else None
     mean_logits = cls_logits if dist_logits is None else (cls_logits + dist_logits) / 2
     if loss == "ce" or (loss == "upvit" and teacher_logits is None):
         return F.cross_entropy(mean_logits, targets)
     if loss == "upvit":
-        kl = F.kl_div(F.log_softmax(mean_logits, -1), F.log_softmax(teacher_logits, -1), reduction="batchmean", log_target=True)
-        return F.cross_entropy(mean_logits, targets) + alpha * kl
+        return F.cross_entropy(mean_logits, targets) + alpha * output_divergence(mean_logits, teacher_logits, "logits")
     total = torch.zeros((), device=cls_logits.device)
     if teacher_logits is not None:
         kl = F.kl_div(F.log_softmax(mean_logits / tau, -1), F.log_softmax(teacher_logits / tau, -1),
@@ -130,15 +136,6 @@ def distill_loss(
     else:
         total = total + F.cross_entropy(mean_logits, targets)
     return total
-
-
-def _float_outputs(out: Any) -> Any:
-    """``out`` with its floating tensors in float32 (tuples such as DeiT's (cls, dist) kept)."""
-    if isinstance(out, torch.Tensor):
-        return out.float() if out.is_floating_point() else out
-    if isinstance(out, (tuple, list)):
-        return type(out)(_float_outputs(o) for o in out)
-    return out
 
 
 def finetune(
@@ -167,6 +164,8 @@ def finetune(
     on when ``device`` is a CUDA device."""
     if epochs < 1:
         raise ArgumentError(f"epochs must be >= 1, got {epochs}")
+    if loss == "features" and teacher is None:
+        raise ArgumentError("the features loss distils the teacher's outputs and needs a teacher (the original model)")
     if loss == "nvit" and teacher is None and cnn_teacher is None:
         raise ArgumentError("the nvit loss needs a teacher (the original model) or a cnn_teacher")
     if keeper is not None and keeper.model is not student:
@@ -189,12 +188,13 @@ def finetune(
     def step_loss(net: nn.Module, inputs: tuple, targets: Any) -> torch.Tensor:
         with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=autocast):
             with torch.no_grad():
-                tl = logits_of(teacher(*inputs)) if teacher is not None else None
-                cl = logits_of(cnn_teacher(*inputs)) if cnn_teacher is not None else None
+                ref = teacher(*inputs) if teacher is not None else None
+                cl = logits_of(cnn_teacher(*inputs)).float() if cnn_teacher is not None else None
             out = net(*inputs)
-        # the loss in float32: a log-softmax over bfloat16 logits loses the small probabilities
-        as32 = (lambda t: t if t is None else t.float())
-        return distill_loss(_float_outputs(out), targets, as32(tl), loss, alpha, tau, kd_weight, as32(cl))
+        if loss == "features":  # (in float32, as the logits below)
+            return feature_loss(out, ref)
+        tl = logits_of(ref).float() if ref is not None else None
+        return distill_loss(out, targets, tl, loss, alpha, tau, kd_weight, cl)
 
     def on_step(step: int, value: torch.Tensor) -> None:
         if log_every and (step + 1) % log_every == 0:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 import torch.fx as fx
@@ -53,19 +53,106 @@ def to_device(x: Any, device: Optional[torch.device]) -> Any:
     return x
 
 
+OBJECTIVES = ("logits", "features")
+
+
+def output_tensors(out: Any) -> list[torch.Tensor]:
+    """Every floating tensor of a model output that has a batch axis, in the order the ONNX exporters
+    emit them (pytree leaves: tuples, lists, dicts, a HuggingFace ``ModelOutput``'s fields)."""
+    from vitgraph.deploy.export import _flatten_tensors
+
+    return [t for t in _flatten_tensors(out) if t.is_floating_point() and t.dim() >= 1]
+
+
 def logits_of(out: Any) -> torch.Tensor:
-    """The first tensor of a model output (logits; models with a distillation head return a tuple)."""
-    while isinstance(out, (tuple, list)):
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise ScoreError(f"model output is {type(out).__name__}, not a tensor of logits")
-    return out
+    """The logits of a model output: a tensor itself, a ``ModelOutput``'s (or any object's) ``logits``,
+    or the first output's where there are several (a tuple or list: DeiT's ``(cls, dist)``)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, Mapping) and "logits" in out:
+        return logits_of(out["logits"])
+    if isinstance(out, (tuple, list)) and out:
+        return logits_of(out[0])
+    if isinstance(getattr(out, "logits", None), torch.Tensor):
+        return out.logits
+    fields = f" (its fields: {', '.join(map(str, out))})" if isinstance(out, Mapping) else ""
+    raise ScoreError(f"model output {type(out).__name__}{fields} has no class logits: a model without them is "
+                     "scored by kl (the output distribution, Gaussian on its features) or trained by feature "
+                     "distillation (objective 'features'), or pass your own loss_fn")
+
+
+def output_kind(out: Any, model: Any = None) -> str:
+    """``"logits"`` when a model output carries class logits (:func:`logits_of` finds a 2-D floating
+    tensor), else ``"features"`` (CLIP/DINOv2 towers, backbones, timm ``features_only``).  A timm
+    ``model`` built with ``num_classes=0`` returns pooled features, 2-D like logits: it says so."""
+    if model is not None and getattr(model, "num_classes", None) == 0:
+        return "features"
+    try:
+        t = logits_of(out)
+    except ScoreError:
+        return "features"
+    return "logits" if t.is_floating_point() and t.dim() == 2 else "features"
+
+
+def objective_of(out: Any, model: Any = None, labeled: bool = True) -> str:
+    """What a model is scored and fine-tuned on: ``"logits"`` (cross-entropy on labels, KL of the
+    class distributions) when its output ``out`` carries class logits and the data has labels, else
+    ``"features"`` (distillation of its floating output tensors from the dense model's, no labels)."""
+    return "logits" if labeled and output_kind(out, model) == "logits" else "features"
+
+
+def _flat_pairs(out: Any, ref: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(student, reference)`` output tensors, flattened to ``[..., batch, features]`` and ``[batch, features]``
+    (``out`` may have leading axes ``ref`` has not, e.g. ``vmap``ped weight copies), in float32 or wider."""
+    outs, refs = output_tensors(out), output_tensors(ref)
+    if not refs or len(outs) != len(refs):
+        raise ScoreError(f"feature distillation compares the floating output tensors of two models: got {len(outs)} "
+                         f"and {len(refs)}")
+    for s, t in zip(outs, refs):
+        lead = s.dim() - t.dim()
+        if lead < 0 or s.shape[lead:] != t.shape:
+            raise ScoreError(f"feature distillation needs outputs of equal shapes, got {tuple(s.shape)} and "
+                             f"{tuple(t.shape)} (an output whose width was pruned cannot be distilled)")
+        dtype = torch.promote_types(torch.promote_types(s.dtype, t.dtype), torch.float32)
+        yield s.reshape(*s.shape[:lead + 1], -1).to(dtype), t.reshape(t.shape[0], -1).to(dtype)
+
+
+def feature_errors(out: Any, ref: Any) -> torch.Tensor:
+    """Per example, the squared error of each output tensor relative to the reference tensor's mean
+    squared norm over the batch, averaged over the ``K`` tensors:
+    ``1/K sum_k ||s_k - t_k||^2 / mean_batch ||t_k||^2`` (shape ``[..., batch]``; its batch mean is
+    the normalised MSE).  Normalising by the batch, not each example, keeps near-zero outputs stable."""
+    errs = [(s - t).pow(2).sum(-1) / t.pow(2).sum(-1).mean().clamp_min(1e-12) for s, t in _flat_pairs(out, ref)]
+    return torch.stack(errs).mean(0)
+
+
+def feature_cosines(out: Any, ref: Any) -> torch.Tensor:
+    """Per example, the cosine similarity of each output tensor to the reference's, averaged over the tensors."""
+    return torch.stack([F.cosine_similarity(s, t, dim=-1) for s, t in _flat_pairs(out, ref)]).mean(0)
+
+
+def feature_loss(out: Any, ref: Any) -> torch.Tensor:
+    """The feature-distillation loss: :func:`feature_errors` averaged over the batch (the normalised MSE
+    of the output tensors, averaged over them)."""
+    return feature_errors(out, ref).mean(-1)
+
+
+def output_divergence(out: Any, ref: Any, objective: str) -> torch.Tensor:
+    """How far ``out`` is from the reference output ``ref``, averaged over the batch: ``KL(ref || out)``
+    of the class distributions for ``"logits"``, :func:`feature_loss` for ``"features"``."""
+    if objective == "features":
+        return feature_loss(out, ref)
+    if objective != "logits":
+        raise ScoreError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    logp, logq = F.log_softmax(logits_of(out).float(), -1), F.log_softmax(logits_of(ref).float(), -1)
+    return F.kl_div(logp, logq, reduction="batchmean", log_target=True)
 
 
 def default_loss(out: Any, targets: Any) -> torch.Tensor:
     """Cross-entropy of the model's logits against integer class targets."""
     if targets is None:
-        raise ScoreError("this score needs targets: pass (inputs, targets) batches or a loss_fn")
+        raise ScoreError("this score needs targets: pass (inputs, targets) batches or a loss_fn; without labels "
+                         "use kl, which compares the model's output distributions")
     return F.cross_entropy(logits_of(out), targets)
 
 

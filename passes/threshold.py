@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, Se
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
@@ -44,7 +43,7 @@ from vitgraph.analysis.kinds import ALL_KINDS, BLOCK_KINDS
 from vitgraph.errors import PlanError, ScoreError
 from vitgraph.planning.planner import CostModel
 from vitgraph.passes.gates import GateSet
-from vitgraph.passes.scoring_common import default_loss, logits_of
+from vitgraph.passes.scoring_common import OBJECTIVES, default_loss, output_divergence, output_kind
 from vitgraph.passes.training import batches_per_epoch, fit, rank_loader
 from vitgraph.planning.plan import Plan
 
@@ -257,6 +256,7 @@ def learn_thresholds(
     device: Optional[torch.device | str] = None,
     log_every: int = 50,
     callback: Optional[Callable[[dict[str, float]], None]] = None,
+    objective: Optional[str] = None,
 ) -> ThresholdResult:
     """Learn per-group keep counts and saliency scores that meet a parameter or FLOPs budget.
 
@@ -270,6 +270,10 @@ def learn_thresholds(
     The loss is the task loss plus ``distill`` times ``KL(teacher || masked model)``, the teacher
     being the unmasked model with its original weights (WDPruning distils from a teacher; on data
     the dense model already fits, the task loss alone says little about which units matter).
+    ``objective`` (default: from the output, :func:`~vitgraph.passes.scoring_common.output_kind`) is
+    ``"logits"`` or ``"features"``; a model without class logits, or data without targets, learns
+    from the distillation alone, which is then the feature-distillation error
+    (:func:`~vitgraph.passes.scoring_common.output_divergence`).
     Scores train at ``lr``; the thresholds at their own ``theta_lr``, a step in keep-ratio units
     (Adam without momentum moves each by about ``theta_lr`` per step); the multipliers at ``lambda_lr``.
 
@@ -296,7 +300,8 @@ def learn_thresholds(
         raise ScoreError(f"distill must be >= 0, got {distill}")
     if not 0.0 <= warmup <= 1.0:
         raise ScoreError(f"warmup must be a fraction of the steps in [0, 1], got {warmup}")
-    loss_fn = loss_fn or default_loss
+    if objective is not None and objective not in OBJECTIVES:
+        raise ScoreError(f"objective must be one of {OBJECTIVES} (or None: from the output), got {objective!r}")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     gm = copy.deepcopy(analysis.graph_module).to(dev)
     gates, gate_set = _make_gates(analysis, kinds, round_to, init)
@@ -329,13 +334,8 @@ def learn_thresholds(
 
     def step_loss(net: nn.Module, x: tuple, y: Any) -> torch.Tensor:
         out, ratios = net(*x)
-        task = loss_fn(out, y)
-        if distill > 0:
-            with torch.no_grad():
-                ref = logits_of(gm(*x) if teacher is None else functional_call(gm, teacher, x))
-            s_log = F.log_softmax(logits_of(out).float(), -1)
-            task = task + distill * F.kl_div(s_log, F.log_softmax(ref.float(), -1), reduction="batchmean",
-                                             log_target=True)
+        task = _task_loss(out, y, lambda: gm(*x) if teacher is None else functional_call(gm, teacher, x), loss_fn,
+                          distill, objective or output_kind(out, model))
         hard = [(torch.tensor(g.count(r) / g.n, device=dev) + r - r.detach()) for g, r in zip(gates, ratios)]
         s = cost(hard)
         t = goal(len(history_steps))
@@ -386,6 +386,25 @@ def learn_thresholds(
         ratios={g.group.id: float(r) for g, r in zip(gates, ratios)}, history=history, weights=weights,
         learned_budget=learned,
     )
+
+
+def _task_loss(out: Any, y: Any, reference: Callable[[], Any], loss_fn: Optional[Callable[[Any, Any], torch.Tensor]],
+               distill: float, objective: str) -> torch.Tensor:
+    """The loss the thresholds learn from besides the budget: ``loss_fn`` (else cross-entropy on
+    labelled class logits) plus ``distill`` times the divergence from the unmasked model's output
+    ``reference()``; without labels or class logits, the divergence alone."""
+    task = None
+    if loss_fn is not None or (objective == "logits" and y is not None):
+        task = (loss_fn or default_loss)(out, y)
+    if distill > 0:
+        with torch.no_grad():
+            ref = reference()
+        d = distill * output_divergence(out, ref, objective)
+        task = d if task is None else task + d
+    if task is None:
+        raise ScoreError("learnable thresholds have nothing to learn from: the data has no targets (or the model no "
+                         "class logits) and distill=0; give distill > 0 or a loss_fn")
+    return task
 
 
 def _calibrate(gates: Sequence[_Gate], cost: "_Budget", target: float, dev: torch.device) -> None:

@@ -1,7 +1,12 @@
 """Shared helpers: tiny timm ViTs with random weights and random keep-sets."""
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
+import textwrap
 from typing import Any
 
 import pytest
@@ -39,6 +44,32 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b|."""
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+# the lines that make a fresh interpreter refuse every way to unpickle (a result must reload as data)
+NO_UNPICKLING = textwrap.dedent("""
+    import pickle
+    import torch
+
+    class Forbidden(pickle.Unpickler):
+        def __init__(self, *a, **k):
+            raise RuntimeError("unpickling is forbidden here")
+
+    def forbidden(*a, **k):
+        raise RuntimeError("unpickling is forbidden here")
+
+    pickle.Unpickler, pickle.load, pickle.loads = Forbidden, forbidden, forbidden
+    torch.load = torch.serialization.load = forbidden
+""")
+
+
+def run_fresh(script: str, *args: str, timeout: int = 120) -> dict:
+    """Run ``script`` (Python source) in a fresh interpreter with ``args``; the JSON its last line prints."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    res = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
+                         timeout=timeout)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vitgraph
-from conftest import random_plan, rel_err
+from conftest import NO_UNPICKLING, random_plan, rel_err, run_fresh
 from vitgraph.cli import main
 from vitgraph.models import load_model_and_source
 
@@ -23,20 +23,11 @@ KWARGS = {"img_size": 16, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_hea
 # runs in a fresh interpreter: every way to unpickle raises, then the result is reloaded and
 # compared with its ONNX file and with the dense architecture's FLOPs
 FRESH = textwrap.dedent("""
-    import json, pickle, sys
+    import json, sys
     import numpy as np, onnxruntime as ort, torch, timm
     import vitgraph
     from vitgraph.deploy.measure import count_flops
-
-    class Forbidden(pickle.Unpickler):
-        def __init__(self, *a, **k):
-            raise RuntimeError("unpickling is forbidden here")
-
-    def forbidden(*a, **k):
-        raise RuntimeError("unpickling is forbidden here")
-
-    pickle.Unpickler, pickle.load, pickle.loads = Forbidden, forbidden, forbidden
-    torch.load = torch.serialization.load = forbidden
+""") + NO_UNPICKLING + textwrap.dedent("""
     out, kwargs = sys.argv[1], json.loads(sys.argv[2])
     m = vitgraph.load(out)
     torch.manual_seed(3)
@@ -90,11 +81,7 @@ def test_prune_command_end_to_end_reloads_without_pickle(pruned):
         assert row in report
     assert json.loads((out / "preprocess.json").read_text())["config"]["input_size"] == [3, 16, 16]
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
-    res = subprocess.run([sys.executable, "-c", FRESH, str(out), json.dumps(KWARGS)], capture_output=True,
-                         text=True, env=env, timeout=120)
-    assert res.returncode == 0, res.stderr[-2000:]
-    figures = json.loads(res.stdout.strip().splitlines()[-1])
+    figures = run_fresh(FRESH, str(out), json.dumps(KWARGS))
     assert figures["onnx_diff"] <= 1e-4
     assert figures["flops"] <= 0.5
 

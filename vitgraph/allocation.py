@@ -9,8 +9,8 @@ candidate allocations to the same target from the same scores (global and unifor
 prunable kinds and over subsets that leave the kinds reconstruction cannot repair whole), compresses
 and reconstructs each on the first part of the calibration batches, and keeps the one whose output
 is closest to the dense model's on the held-out rest (KL of the class distributions; for a model
-without class logits the feature-distillation error, the squared error of every output tensor
-relative to the dense one's).  The candidates' costs are counted on the compressed
+without class logits the feature-distillation error, the normalised MSE of every output tensor
+against the dense one's).  The candidates' costs are counted on the compressed
 models, and one that misses the target by more than ``tol`` is not considered.
 """
 from __future__ import annotations

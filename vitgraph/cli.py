@@ -73,10 +73,13 @@ def _score_data(a: argparse.Namespace, model: torch.nn.Module, x: torch.Tensor, 
         loader = image_folder(a.data, make_transform(preprocessing(source, a.model)), a.batch_size, flag="--data")
         return list(islice(loader, a.batches))
     if a.data == "random":
+        from vitgraph.passes.scoring_common import logits_of, output_kind
+
         g = torch.Generator().manual_seed(0)
         xs = torch.randn((n, *x.shape[1:]), generator=g)
-        with torch.no_grad():  # the model's own predictions stand in for labels
-            ys = torch.cat([model(xs[i:i + a.batch_size]).argmax(-1) for i in range(0, n, a.batch_size)])
+        with torch.no_grad():  # a classifier's own predictions stand in for labels; other models need none
+            outs = [model(xs[i:i + a.batch_size]) for i in range(0, n, a.batch_size)]
+        ys = torch.cat([logits_of(o).argmax(-1) for o in outs]) if output_kind(outs[0], model) == "logits" else None
     elif a.data == "fashion-mnist":
         xs, ys = load_fashion_mnist("train", limit=n)
         xs = fit_input(xs, x.shape[1:])
@@ -110,12 +113,15 @@ def _score(a: argparse.Namespace) -> int:
         an = analyze(model, x, prune_outputs=a.prune_outputs)
     data = None if a.method == "magnitude" else _score_data(a, model, x)
     opts = parse_model_args(a.option, "--option")
-    if a.method == "threshold":  # thresholds learn widths toward --target themselves
+    method = a.method
+    if data is not None:
+        method = _data_method(a.method, model, x, data)
+    if method == "threshold":  # thresholds learn widths toward --target themselves
         kind, _, frac = a.target.partition(":")
         opts.setdefault("budget", kind)
         opts.setdefault("target", float(frac))
-    with step(f"scoring ({a.method})"):
-        s = score(model, an, a.method, data=data, **opts)
+    with step(f"scoring ({method})"):
+        s = score(model, an, method, data=data, **opts)
     if rank() != 0:
         return 0
     from vitgraph.score import save_scores
@@ -123,16 +129,31 @@ def _score(a: argparse.Namespace) -> int:
     save_scores(a.out, s, an.fingerprint)
     print(f"wrote scores of {len(s)} groups to {a.out}")
     if a.plan:
-        if a.method == "threshold":
+        if method == "threshold":
             plan = Plan.from_scores(an, s, ratio=None, round_to=a.round_to if a.align else 1, align=a.align)
         else:
             kind, _, frac = a.target.partition(":")
             plan = plan_to_target(an, s, target=kind, fraction=float(frac), round_to=a.round_to,
-                                  normalize=a.method == "magnitude", align=a.align)
+                                  normalize=method == "magnitude", align=a.align)
         Path(a.plan).write_text(plan.to_json())
         print(plan.summary(an))
         print(f"wrote plan to {a.plan}")
     return 0
+
+
+def _data_method(method: str, model: torch.nn.Module, x: torch.Tensor, data: list) -> str:
+    """The score method run on ``data`` for ``method`` (hessian gives way to kl on a model without class
+    logits or data without labels: :func:`vitgraph.score.method_for`), printing why when it differs."""
+    from vitgraph.passes.scoring_common import objective_of, split_batch
+    from vitgraph.score import method_for
+
+    with torch.no_grad():
+        out = model(x)
+    objective = objective_of(out, model, all(split_batch(b)[1] is not None for b in data))
+    used, note = method_for(method, objective)
+    if note:
+        print(f"  {note}")
+    return used
 
 
 def _load(a: argparse.Namespace):
@@ -312,8 +333,10 @@ def _prune(a: argparse.Namespace) -> int:
            if a.val_data else None)
     if rank() == 0:
         print(f"vitgraph prune {a.model} --method {a.method} --target {a.target} -> {a.out}")
-        print(f"  {len(train.dataset)} training images in {len(train.dataset.classes)} classes"
-              + (f", {len(val.dataset)} validation images" if val is not None else " (no --val-data: top-1 on them)"))
+        classes = len(train.dataset.classes)
+        found = f"in {classes} classes" if classes else "without labels"
+        print(f"  {len(train.dataset)} training images {found}"
+              + (f", {len(val.dataset)} validation images" if val is not None else " (no --val-data: measured on them)"))
     r = prune(model, train, val, method=a.method, target=a.target, finetune_epochs=a.finetune_epochs,
               out=a.out, source=source, example_input=x, runtime=a.runtime, round_to=a.round_to,
               score_batches=a.score_batches, lr=a.lr, preprocess=recipe, reps=a.reps,
@@ -321,6 +344,7 @@ def _prune(a: argparse.Namespace) -> int:
               reconstruct=a.reconstruct, check=a.check,
               **({"align": a.align} if a.align else {}))
     if rank() == 0:
+        print(f"  loss: {r.loss}")
         print()
         print(r.table())
         print(f"\nFLOPs fraction {r.flops_fraction:.3f}; wrote {a.out}/: source.json, plan.json, model.safetensors, "
@@ -373,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = model_cmd("score", "score every prunable unit (magnitude, hessian, kl, threshold); optionally plan")
     s.add_argument("--method", choices=["magnitude", "hessian", "kl", "threshold"], default="kl",
                    help="criterion (default kl: the best in benchmarks/results/criteria.md)")
-    s.add_argument("--data", default="random", help="random | fashion-mnist | FILE.pt holding (inputs, targets)")
+    s.add_argument("--data", default="random", help="random | fashion-mnist | FILE.pt holding (inputs, targets) | DIR "
+                   "(images, in class folders or not: a model without class logits needs no labels)")
     s.add_argument("--batches", type=int, default=32, help="number of batches (default 32: 512 images at batch 16)")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="method option, e.g. mode=hvp")
@@ -406,7 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=32)
     s.set_defaults(fn=cmd_compress)
     s = model_cmd("prune", "score, plan to a target, compress, fine-tune with distillation, export and report")
-    s.add_argument("--data", required=True, metavar="DIR", help="training images in ImageFolder layout (DIR/<class>/<image>)")
+    s.add_argument("--data", required=True, metavar="DIR",
+                   help="training images in ImageFolder layout (DIR/<class>/<image>), or DIR/<image> without labels "
+                   "(a model without class logits, or any model distilled from its dense outputs)")
     s.add_argument("--val-data", metavar="DIR", help="validation images in ImageFolder layout (default: --data)")
     s.add_argument("--method", choices=["hessian", "kl", "magnitude", "threshold"], default="kl",
                    help="criterion (default kl: the best in benchmarks/results/criteria.md)")

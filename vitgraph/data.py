@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
 from vitgraph.errors import DataError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -254,9 +254,30 @@ class _ImageLoader:
             raise VitgraphError(f"{self.flag}: cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
+class UnlabeledImages(Dataset):
+    """The images directly inside a folder (no class subfolders), transformed, without labels
+    (items are image tensors; ``classes`` is empty)."""
+
+    classes: list[str] = []
+
+    def __init__(self, root: str | Path, transform: Any, loader: Any) -> None:
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+
+        self.files = sorted(p for p in Path(root).iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+        self.transform, self.loader = transform, loader
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.transform(self.loader(str(self.files[i])))
+
+
 def image_folder(root: str | Path, transform: Any, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                  workers: int = 0, flag: str = "--data") -> DataLoader:
-    """A DataLoader of ``(images, labels)`` over a torchvision ``ImageFolder`` (``root/<class>/<image>``).
+    """A DataLoader of ``(images, labels)`` over a torchvision ``ImageFolder`` (``root/<class>/<image>``),
+    or of image batches alone over a folder of images with no subfolders (unlabeled: for models
+    distilled from their dense outputs, which need no labels).
 
     Shuffled, the order comes from a generator seeded with ``seed`` (the same on every rank, so a
     DistributedSampler built from it agrees).  A missing or empty folder is a
@@ -268,11 +289,18 @@ def image_folder(root: str | Path, transform: Any, batch_size: int, *, shuffle: 
 
     if batch_size < 1:
         raise VitgraphError(f"--batch-size must be >= 1, got {batch_size}")
+    layout = "DIR/<class>/<image>, or DIR/<image> unlabeled"
     if not Path(root).is_dir():
-        raise VitgraphError(f"{flag} {root} is not a directory (an image folder: {flag} DIR with DIR/<class>/<image>)")
-    try:
-        dataset = ImageFolder(str(root), transform=transform, loader=_ImageLoader(flag))
-    except (FileNotFoundError, OSError) as e:
-        raise VitgraphError(f"{flag} {root} is not an image folder in ImageFolder layout (DIR/<class>/<image>): {e}") from e
+        raise VitgraphError(f"{flag} {root} is not a directory (an image folder: {flag} DIR with {layout})")
+    dataset: Any
+    if not any(p.is_dir() for p in Path(root).iterdir()):
+        dataset = UnlabeledImages(root, transform, _ImageLoader(flag))
+        if not len(dataset):
+            raise VitgraphError(f"{flag} {root} holds no images and no class folders ({layout})")
+    else:
+        try:
+            dataset = ImageFolder(str(root), transform=transform, loader=_ImageLoader(flag))
+        except (FileNotFoundError, OSError) as e:
+            raise VitgraphError(f"{flag} {root} is not an image folder in ImageFolder layout ({layout}): {e}") from e
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=workers)

@@ -31,7 +31,8 @@ from torch import nn
 from vitgraph.errors import VitgraphError
 from vitgraph.report import Stage, stage_table
 
-__all__ = ["PruneResult", "Stage", "prune", "evaluate", "parse_target", "round_fractions", "METHODS", "TARGETS",
+__all__ = ["PruneResult", "Stage", "prune", "evaluate", "fidelity", "parse_target", "round_fractions", "METHODS",
+           "TARGETS",
            "SCHEDULES", "REPORT_FILE"]
 
 METHODS = ("hessian", "kl", "magnitude", "threshold")
@@ -49,7 +50,10 @@ class PruneResult:
     ``stages`` maps ``"dense"``, ``"pruned"`` (before fine-tuning) and ``"fine-tuned"`` to
     :class:`Stage`; ``widths`` lists ``(group id, kind, kept, total)`` for every group;
     ``finetune_losses`` the loss of every fine-tuning step; ``out`` the result directory;
-    ``rounds`` one dict per pruning round (``round``, ``goal``, ``flops``, ``top1`` after pruning).
+    ``rounds`` one dict per pruning round (``round``, ``goal``, ``flops``, ``top1`` after pruning, or
+    ``error``/``cosine`` for a model judged by its outputs); ``objective`` is ``"logits"`` (a
+    classifier on labelled images) or ``"features"`` (distilled from its dense outputs), and
+    ``loss`` says in words which loss scored and fine-tuned it.
     """
 
     model: nn.Module
@@ -62,6 +66,8 @@ class PruneResult:
     out: Optional[Path] = None
     schedule: str = "oneshot"
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    objective: str = "logits"
+    loss: str = ""
 
     @property
     def flops_fraction(self) -> float:
@@ -156,30 +162,92 @@ def _finetune_bar(total: Optional[int], progress: Optional[bool]) -> Iterator[No
 # evaluation
 
 
+@contextlib.contextmanager
+def _eval_mode(*models: Any) -> Iterator[None]:
+    """The modules among ``models`` in eval mode, every submodule's own mode restored afterwards."""
+    from vitgraph.deploy.export import _eval_mode as module_eval
+
+    with contextlib.ExitStack() as stack:
+        for m in models:
+            if isinstance(m, nn.Module):
+                stack.enter_context(module_eval(m))
+        yield
+
+
+def _on_device(data: Iterable[Any], device: Optional[torch.device], progress: Optional[bool],
+               desc: str) -> Iterator[tuple[tuple[Any, ...], Any]]:
+    """``(inputs, labels)`` of every batch of ``data`` (labels ``None`` when it has none) on ``device``,
+    ticking a progress bar."""
+    from vitgraph.passes.scoring_common import split_batch, to_device
+
+    try:
+        n = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        n = None
+    with _bar(n, desc, progress) as bar:
+        for batch in data:
+            yield split_batch(to_device(batch, device))
+            bar.update(1)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Iterable[Any], device: Optional[torch.device] = None,
              progress: Optional[bool] = None, desc: str = "evaluating") -> float:
     """Top-1 accuracy (percent) of ``model`` over ``(inputs, labels)`` batches, in eval mode."""
     from vitgraph.passes.scoring_common import logits_of
 
-    was_training = model.training
-    model.eval()
     correct = total = 0
-    try:
-        n = len(data)  # type: ignore[arg-type]
-    except TypeError:
-        n = None
-    with _bar(n, desc, progress) as bar:
-        for x, y in data:
-            if device is not None:
-                x, y = x.to(device), y.to(device)
-            correct += int((logits_of(model(x)).argmax(-1) == y).sum())
+    with _eval_mode(model):
+        for inputs, y in _on_device(data, device, progress, desc):
+            if y is None:
+                raise VitgraphError("top-1 needs labelled (images, labels) batches; this data has no labels")
+            correct += int((logits_of(model(*inputs)).argmax(-1) == y).sum())
             total += len(y)
-            bar.update(1)
-    model.train(was_training)
     if total == 0:
         raise VitgraphError("the evaluation data yielded no examples")
     return 100.0 * correct / total
+
+
+@torch.no_grad()
+def fidelity(model: Any, reference: Any, data: Iterable[Any], device: Optional[torch.device] = None,
+             progress: Optional[bool] = None, desc: str = "comparing outputs") -> tuple[float, float]:
+    """How close ``model``'s outputs are to ``reference``'s over the batches of ``data`` (labels, if
+    any, unused): the normalised MSE of the output tensors (the feature-distillation
+    error, :func:`~vitgraph.passes.scoring_common.feature_errors`) and their mean cosine similarity,
+    per example.  ``model`` may be any callable returning outputs (an ONNX session's runner)."""
+    from vitgraph.passes.scoring_common import feature_cosines, feature_errors
+
+    error = cosine = 0.0
+    total = 0
+    with _eval_mode(model, reference):
+        for inputs, _ in _on_device(data, device, progress, desc):
+            out, ref = model(*inputs), reference(*inputs)
+            error += float(feature_errors(out, ref).sum())
+            cosine += float(feature_cosines(out, ref).sum())
+            total += inputs[0].shape[0]
+    if total == 0:
+        raise VitgraphError("the evaluation data yielded no examples")
+    return error / total, cosine / total
+
+
+def _figures(m: nn.Module, dense: nn.Module, val: Iterable[Any], dev: torch.device, progress: Optional[bool],
+             desc: str, objective: str) -> dict[str, float]:
+    """``m``'s figures for the report: top-1 under ``"logits"``, else how close its outputs are to ``dense``'s."""
+    if objective == "features" and m is dense:
+        return {"error": 0.0, "cosine": 1.0}
+    m.to(dev)
+    dense.to(dev)
+    try:
+        if objective == "logits":
+            return {"top1": evaluate(m, val, dev, progress, desc)}
+        error, cosine = fidelity(m, dense, val, dev, progress, desc)
+        return {"error": error, "cosine": cosine}
+    finally:
+        m.cpu(), dense.cpu()
+
+
+def _stage(fig: dict[str, float], params: int, flops: int, latency: Optional[float]) -> Stage:
+    return Stage(fig.get("top1"), params, flops, latency, fig.get("error"), fig.get("cosine"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,12 +293,20 @@ def prune(
     align: Optional[str] = None,
     reconstruct: bool = True,
     check: bool = True,
+    objective: Optional[str] = None,
 ) -> PruneResult:
     """Prune ``model`` to ``target``, fine-tune it with distillation from itself, and report.
 
-    ``train_data`` and ``val_data`` yield ``(images, labels)`` batches (DataLoaders, or lists of
-    batches; under torchrun a DataLoader over a map-style dataset is shared out by a
-    DistributedSampler).  Without ``val_data`` the figures are measured on ``train_data``.
+    ``train_data`` and ``val_data`` yield ``(images, labels)`` batches, or image batches alone
+    (DataLoaders, or lists of batches; under torchrun a DataLoader over a map-style dataset is
+    shared out by a DistributedSampler).  Without ``val_data`` the figures are measured on ``train_data``.
+    ``objective`` (default: from the model's output and the data) is ``"logits"`` for a classifier
+    on labelled images (scores on class distributions, fine-tuning on cross-entropy + ``alpha`` KL
+    from the dense model, top-1 in the report) or ``"features"`` for a model without class logits
+    (CLIP/SigLIP/DINOv2 towers, HF backbones, timm ``features_only`` or ``num_classes=0``) or data
+    without labels: distillation of every floating output tensor from the dense model's (normalised
+    MSE; kl on a Gaussian output distribution, hessian giving way to kl), with the report's
+    figures the outputs' cosine similarity and normalised MSE to the dense model's.
     ``method`` is a :func:`vitgraph.score` method (scores from the first ``score_batches``
     batches; the defaults, kl on 16 batches, are the best criterion and proxy size of
     ``benchmarks/results/criteria.md``); ``target`` is ``"flops:F"``, ``"params:F"`` or ``"latency:F"`` (``runtime`` names
@@ -261,6 +337,7 @@ def prune(
     from vitgraph.api import compress
     from vitgraph.distributed import rank
     from vitgraph.journal import Journal
+    from vitgraph.passes.scoring_common import split_batch
 
     if not isinstance(model, nn.Module):
         raise VitgraphError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -294,41 +371,34 @@ def prune(
     proxy = _Batches(islice(iter(train_data), score_batches))
     if not proxy:
         raise VitgraphError("the training data yielded no batches")
-    x = example_input if example_input is not None else proxy[0][0][:1]
+    x = example_input if example_input is not None else split_batch(proxy[0])[0][0][:1]
     x = x[:1].cpu()
-    with torch.no_grad():
-        n_out = _logits(model(x)).shape[-1]
-    top_label = max(int(b[1].max()) for b in list.__iter__(proxy))
-    if top_label >= n_out:
-        raise VitgraphError(f"the data has label {top_label} but the model has {n_out} outputs: build it with as many "
-                            "classes as the image folder has (--model-arg num_classes=N)")
+    objective, scorer, loss = _objective(model, x, proxy, objective, method, prune_outputs, alpha)
     config = {"method": method, "target": [kind, fraction], "schedule": schedule, "steps": steps,
               "finetune_epochs": finetune_epochs, "lr": lr, "alpha": alpha, "round_to": round_to,
               "score_batches": score_batches, "prune_outputs": prune_outputs, "input": list(x.shape),
               "runtime": runtime if kind == "latency" else None,
               "source": source.to_dict() if source is not None else None} | ({"align": align} if align else {}) \
-        | ({} if reconstruct else {"reconstruct": False})
+        | ({} if reconstruct else {"reconstruct": False}) | ({"objective": objective} if objective != "logits" else {})
     journal = Journal(out, config, resume=resume, writer=rank() == 0)
     if journal.finished is not None:
-        return _finished(journal, Path(out), method, (kind, fraction))
+        return _finished(journal, Path(out), scorer, (kind, fraction))
 
-    def top1(m: nn.Module, desc: str) -> float:
-        m.to(dev)
-        try:
-            return evaluate(m, val, dev, progress, desc)
-        finally:
-            m.cpu()
+    what = "top-1" if objective == "logits" else "outputs against dense"
 
-    run = _Run(model, proxy, x, dev, journal, method, kind, prune_outputs, round_to, runtime, progress)
-    run.align, run.refits = align, reconstruct
-    dense_top1 = journal.run("dense", lambda: {"top1": top1(model, "dense top-1")})["top1"]
+    def figures(m: nn.Module, desc: str) -> dict[str, float]:
+        return _figures(m, model, val, dev, progress, f"{desc} {what}", objective)
+
+    run = _Run(model, proxy, x, dev, journal, scorer, kind, prune_outputs, round_to, runtime, progress)
+    run.align, run.refits, run.objective = align, reconstruct, objective
+    dense_fig = journal.run("dense", lambda: figures(model, "dense"))
     run.dense_cost = (_params(model), _flops(model, x))
     chain, current, plan, an = source, model, None, None
     shares = _finetune_shares(train_data, finetune_epochs, steps)
     rounds = round_fractions(fraction, steps)
     losses: list[float] = []
     round_log: list[dict[str, Any]] = []
-    pruned_top1 = dense_top1
+    pruned_fig = dense_fig
     for k, goal in enumerate(rounds, start=1):
         if plan is not None and chain is not None:
             chain = artifact.nested(chain, plan)  # the next round prunes the last round's architecture
@@ -340,8 +410,8 @@ def prune(
             verify_compressed(current, slim, plan, an, (x,))
         if reconstruct:
             slim = run.reconstruct(current, slim, plan, an)
-        pruned_top1 = journal.run(f"round{k}.pruned", lambda: {"top1": top1(slim, f"pruned top-1 ({k}/{steps})")})["top1"]
-        round_log.append({"round": k, "goal": goal, "flops": _flops(slim, x), "top1": pruned_top1,
+        pruned_fig = journal.run(f"round{k}.pruned", lambda: figures(slim, f"pruned ({k}/{steps})"))
+        round_log.append({"round": k, "goal": goal, "flops": _flops(slim, x), **pruned_fig,
                           "allocation": run.candidates[0]["label"] if run.candidates else None,
                           "reconstructed": bool(reconstruct)})
         ep, max_steps = shares[k - 1]
@@ -349,7 +419,7 @@ def prune(
             losses += run.finetune(k, slim, train_data, ep, max_steps, lr, alpha, amp)
         current = slim
     slim = current
-    final_top1 = journal.run("final", lambda: {"top1": top1(slim, "fine-tuned top-1")})["top1"]
+    final_fig = journal.run("final", lambda: figures(slim, "fine-tuned"))
     model.cpu()
     slim.cpu().eval()
 
@@ -357,17 +427,58 @@ def prune(
     widths = [(g.id, g.kind, _kept(plan, g), sizes.get(g.id, g.size)) for g in an.groups]
     slim_cost = (_params(slim), _flops(slim, x))
     lat = _latency(model, slim, x, runtime, reps) if measure and rank() == 0 else (None, None)
-    stages = {"dense": Stage(dense_top1, *run.dense_cost, lat[0]),
-              "pruned": Stage(pruned_top1, *slim_cost, lat[1]),
-              "fine-tuned": Stage(final_top1, *slim_cost, lat[1])}
-    result = PruneResult(slim, plan, stages, widths, method, (kind, fraction), losses, schedule=schedule,
-                         rounds=round_log)
+    stages = {"dense": _stage(dense_fig, *run.dense_cost, lat[0]),
+              "pruned": _stage(pruned_fig, *slim_cost, lat[1]),
+              "fine-tuned": _stage(final_fig, *slim_cost, lat[1])}
+    result = PruneResult(slim, plan, stages, widths, scorer, (kind, fraction), losses, schedule=schedule,
+                         rounds=round_log, objective=objective, loss=loss)
     if out is not None and rank() == 0:
         result.out = _write(Path(out), result, chain, x, runtime, preprocess,
-                            (proxy, val, reps if measure else 0) if int8 else None, progress)
+                            (proxy, val, reps if measure else 0, model) if int8 else None, progress)
         journal.finish({"stages": {n: asdict(s) for n, s in result.stages.items()},
-                        "widths": [list(w) for w in widths], "losses": losses, "rounds": round_log})
+                        "widths": [list(w) for w in widths], "losses": losses, "rounds": round_log,
+                        "objective": objective, "loss": loss})
     return result
+
+
+def _objective(model: nn.Module, x: torch.Tensor, proxy: list, objective: Optional[str], method: str,
+               prune_outputs: bool, alpha: float) -> tuple[str, str, str]:
+    """The run's objective (``objective``, else from the model's output and the labels of the scoring
+    batches), the score method run for ``method`` under it, and the report's words for its loss; a
+    classifier's labels are checked against its outputs."""
+    from vitgraph.passes.scoring_common import (OBJECTIVES, logits_of, objective_of, output_kind, output_tensors,
+                                                split_batch)
+    from vitgraph.score import method_for
+
+    with torch.no_grad():
+        out = model(x)
+    labels = [split_batch(b)[1] for b in list.__iter__(proxy)]
+    labeled = all(isinstance(y, torch.Tensor) for y in labels)
+    objective = objective or objective_of(out, model, labeled)
+    if objective not in OBJECTIVES:
+        raise VitgraphError(f"objective must be one of {'|'.join(OBJECTIVES)} (or None: from the model), "
+                            f"got {objective!r}")
+    if objective == "logits":
+        if not labeled:
+            raise VitgraphError("objective 'logits' trains on labels and the data has none (an image folder with no "
+                                "class subfolders): leave the objective out to distil the dense model's outputs")
+        n_out, top_label = logits_of(out).shape[-1], max(int(y.max()) for y in labels)
+        if top_label >= n_out:
+            raise VitgraphError(f"the data has label {top_label} but the model has {n_out} outputs: build it with as "
+                                "many classes as the image folder has (--model-arg num_classes=N)")
+        return objective, method, f"cross-entropy + {alpha:g} x KL from the dense model"
+    if prune_outputs:
+        raise VitgraphError("prune_outputs (--prune-outputs) narrows the model's outputs, and a model without class "
+                            "logits (or labels) is fine-tuned to reproduce the dense model's outputs, which needs "
+                            "their widths: leave it out")
+    n = len(output_tensors(out))
+    why = "the data has no labels" if output_kind(out, model) == "logits" else "the model has no class logits"
+    log.info("%s: distilling the dense model's %d output tensor(s)", why, n)
+    scorer, note = method_for(method, objective)
+    if note:
+        log.warning("%s", note)
+    return objective, scorer, (f"feature distillation (normalised MSE on {n} output tensor{'s' if n != 1 else ''} "
+                               f"of the dense model; {why}, no labels used)" + (f"; {note}" if note else ""))
 
 
 class _Run:
@@ -384,6 +495,7 @@ class _Run:
         self.align: Optional[str] = None
         self.refits = True
         self.candidates: list[dict[str, Any]] = []
+        self.objective = "logits"
 
     def plan_round(self, k: int, current: nn.Module, goal: float, last_goal: float) -> tuple[Any, Any]:
         """Round ``k``'s analysis of ``current`` and its plan toward ``goal`` of the dense cost."""
@@ -423,7 +535,7 @@ class _Run:
                 current.to(self.dev)
                 try:
                     plan, tried = choose_plan(current, an, scores, self.kind, rel, list.__iter__(self.proxy),
-                                              self.x.to(self.dev), plan_options=opts)
+                                              self.x.to(self.dev), plan_options=opts, objective=self.objective)
                 finally:
                     current.cpu()
                 self.candidates = [asdict(c) | {"label": c.label} for c in tried]
@@ -456,7 +568,9 @@ class _Run:
         if self.method == "magnitude":
             s = score(current, an, "magnitude")
         elif self.method == "threshold":
-            s = score(current, an, "threshold", data=self.proxy, target=rel, budget=self.kind)
+            s = score(current, an, "threshold", data=self.proxy, target=rel, budget=self.kind, objective=self.objective)
+        elif self.method == "kl":
+            s = score(current, an, "kl", data=self.proxy, objective=self.objective)
         else:
             s = score(current, an, self.method, data=self.proxy)
         self.journal.record(step, {"method": self.method},
@@ -481,7 +595,8 @@ class _Run:
             n = batches_per_epoch(rank_loader(train_data))
             total = None if n is None else epochs * n
         with _finetune_bar(total, self.progress):
-            losses = finetune(slim, train_data, teacher=self.model, loss="upvit", alpha=alpha, epochs=epochs,
+            loss = "upvit" if self.objective == "logits" else "features"
+            losses = finetune(slim, train_data, teacher=self.model, loss=loss, alpha=alpha, epochs=epochs,
                               max_steps=max_steps, lr=lr, device=self.dev, log_every=1, amp=amp).losses
         self.model.cpu()
         slim.cpu().eval()
@@ -519,13 +634,8 @@ def _finished(journal: Any, out: Path, method: str, target: tuple[str, float]) -
     plan = Plan.from_json((out / artifact.PLAN_FILE).read_text())
     cfg = journal.config
     return PruneResult(artifact.load(out), plan, stages, [tuple(w) for w in done["widths"]], method, target,
-                       done["losses"], out, schedule=cfg["schedule"], rounds=done["rounds"])
-
-
-def _logits(out: Any) -> torch.Tensor:
-    from vitgraph.passes.scoring_common import logits_of
-
-    return logits_of(out[0] if isinstance(out, (tuple, list)) else out)
+                       done["losses"], out, schedule=cfg["schedule"], rounds=done["rounds"],
+                       objective=done.get("objective", "logits"), loss=done.get("loss", ""))
 
 
 def _kept(plan: Any, group: Any) -> int:
@@ -577,41 +687,62 @@ def _write(out: Path, r: PruneResult, source: Any, x: torch.Tensor, runtime: str
         from vitgraph.data import PREPROCESS_FILE
 
         write_atomic(out / PREPROCESS_FILE, json.dumps(preprocess, indent=1))
-    int8_line = ""
-    if int8 is not None:
-        from vitgraph.deploy.int8 import evaluate_onnx, int8_speedup, quantize_int8
-
-        calibration, val, reps = int8
-        dst = quantize_int8(out / "model.onnx", out / "model.int8.onnx", list.__iter__(calibration))
-        with _bar(None, "int8 top-1", progress) as bar:
-            top1 = evaluate_onnx(dst, val, bar)
-        ft = r.stages["fine-tuned"]
-        fp32_ms, int8_ms = int8_speedup(out / "model.onnx", dst, x, reps) if reps else (None, None)
-        r.stages["int8"] = Stage(top1, ft.params, ft.flops, int8_ms)
-        if int8_ms is not None:
-            int8_line = (f" INT8 (model.int8.onnx, onnxruntime static quantization calibrated on the scoring batches): "
-                         f"onnxruntime CPU {fp32_ms:.2f} ms fp32 -> {int8_ms:.2f} ms int8, speedup "
-                         f"{fp32_ms / int8_ms:.2f}x; its latency column is onnxruntime CPU.")
+    int8_line = _int8(out, r, x, int8, progress) if int8 is not None else ""
     kind, fraction = r.target
     sched = "one-shot" if r.schedule == "oneshot" else f"iterative, {len(r.rounds)} rounds"
     draw_widths(r.widths, out / "widths.png", f"{r.method}, {kind}:{fraction:g} ({sched}): kept / dense width")
     lines = [f"# vitgraph prune: {r.method}, target {kind}:{fraction:g}, {sched}", "",
              f"Latency: median at batch 1 on {runtime} (pruned and fine-tuned share one architecture). "
              f"FLOPs fraction {r.flops_fraction:.3f}; ONNX parity max abs diff {rep.max_abs_diff:.2e}.{int8_line}", "",
-             r.table()]
+             f"Loss (scores, allocation, fine-tuning): {r.loss}.", ""]
+    if r.objective == "features":
+        lines += ["Figures: no top-1 (the model is judged by its outputs): the cosine similarity and the normalised "
+                  "MSE of its output tensors against the dense model's, averaged over the evaluation images "
+                  "(--val-data, else --data).", ""]
+    lines.append(r.table())
     chosen = ", ".join(d["allocation"] for d in r.rounds if d.get("allocation"))
     how = f"{chosen} (chosen by held-out loss after reconstruction)" if chosen else "the criterion's plan"
     refit = "on" if r.rounds and r.rounds[-1].get("reconstructed") else "off"
     lines += ["", f"Allocation: {how}; reconstruction {refit}."]
     if len(r.rounds) > 1:
-        dense_flops = r.stages["dense"].flops
-        lines += ["", "## Rounds", "", "| round | goal (of dense FLOPs/cost) | FLOPs fraction | top-1 after pruning (%) |",
-                  "|---:|---:|---:|---:|"]
-        lines += [f"| {d['round']} | {d['goal']:.3f} | {d['flops'] / dense_flops:.3f} | {d['top1']:.2f} |"
-                  for d in r.rounds]
+        lines += ["", "## Rounds", "", *_rounds_table(r)]
     lines += ["", "## Widths", "", "![kept widths](widths.png)", "", *widths_table(r.widths)]
     if r.finetune_losses:
         lines += ["", f"Fine-tuning: {len(r.finetune_losses)} steps, loss {r.finetune_losses[0]:.4f} -> "
                   f"{r.finetune_losses[-1]:.4f}."]
     write_atomic(out / REPORT_FILE, "\n".join(lines) + "\n")
     return out
+
+
+def _rounds_table(r: PruneResult) -> list[str]:
+    """The report's table of pruning rounds: goal, FLOPs fraction and the figure after pruning."""
+    dense_flops = r.stages["dense"].flops
+    key, head, fmt = (("top1", "top-1 after pruning (%)", ".2f") if r.objective == "logits"
+                      else ("cosine", "cosine to dense after pruning", ".4f"))
+    return ([f"| round | goal (of dense FLOPs/cost) | FLOPs fraction | {head} |", "|---:|---:|---:|---:|"]
+            + [f"| {d['round']} | {d['goal']:.3f} | {d['flops'] / dense_flops:.3f} | {d[key]:{fmt}} |"
+               for d in r.rounds])
+
+
+def _int8(out: Path, r: PruneResult, x: torch.Tensor, int8: tuple, progress: Optional[bool]) -> str:
+    """``model.int8.onnx``, its report row (top-1, or its outputs against the dense model's) and the report's line."""
+    from vitgraph.deploy.int8 import evaluate_onnx, int8_speedup, onnx_model, quantize_int8
+    from vitgraph.passes.scoring_common import split_batch
+
+    calibration, val, reps, dense = int8
+    inputs = [split_batch(b)[0] for b in list.__iter__(calibration)]
+    dst = quantize_int8(out / "model.onnx", out / "model.int8.onnx", inputs)
+    if r.objective == "logits":
+        with _bar(None, "int8 top-1", progress) as bar:
+            fig = {"top1": evaluate_onnx(dst, val, bar)}
+    else:
+        error, cosine = fidelity(onnx_model(dst), dense, val, progress=progress, desc="int8 outputs against dense")
+        fig = {"error": error, "cosine": cosine}
+    ft = r.stages["fine-tuned"]
+    fp32_ms, int8_ms = int8_speedup(out / "model.onnx", dst, x, reps) if reps else (None, None)
+    r.stages["int8"] = _stage(fig, ft.params, ft.flops, int8_ms)
+    if int8_ms is None:
+        return ""
+    return (f" INT8 (model.int8.onnx, onnxruntime static quantization calibrated on the scoring batches): "
+            f"onnxruntime CPU {fp32_ms:.2f} ms fp32 -> {int8_ms:.2f} ms int8, speedup "
+            f"{fp32_ms / int8_ms:.2f}x; its latency column is onnxruntime CPU.")

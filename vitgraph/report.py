@@ -1,6 +1,8 @@
 """The figures of a pruning run and their files: the markdown table of ``report.md`` and ``widths.png``.
 
-A :class:`Stage` is one model's row (dense, pruned, fine-tuned, INT8).  Widths are
+A :class:`Stage` is one model's row (dense, pruned, fine-tuned, INT8): top-1 for a classifier, or
+for a model distilled from its dense outputs (no class logits, or no labels) how close its
+outputs are to the dense model's (cosine similarity and normalised MSE).  Widths are
 ``(group id, kind, kept, dense size)`` rows, drawn by :func:`draw_widths` as one bar per group,
 filled to the kept fraction, with Pillow (which torchvision already needs), so the figure needs no
 plotting library.
@@ -22,21 +24,33 @@ _COLOURS = {"residual": (31, 119, 180), "head": (148, 103, 189), "qk": (255, 127
 
 @dataclass
 class Stage:
-    """The figures of one model in the report: top-1 (percent), params, FLOPs, latency (ms)."""
+    """The figures of one model in the report: top-1 (percent; ``None`` for a model judged by its
+    outputs), params, FLOPs, latency (ms), and against the dense model's outputs the normalised MSE
+    (``error``) and cosine similarity (``cosine``) of the output tensors."""
 
-    top1: float
+    top1: Optional[float]
     params: int
     flops: int
     latency_ms: Optional[float] = None
+    error: Optional[float] = None
+    cosine: Optional[float] = None
 
 
 def stage_table(stages: dict[str, Stage]) -> str:
-    """The stages as a markdown table."""
-    lines = ["| model | top-1 (%) | params (M) | GFLOPs | latency (ms) |", "|---|---:|---:|---:|---:|"]
+    """The stages as a markdown table (top-1, or closeness to the dense outputs where no stage has a top-1)."""
+    by_top1 = any(s.top1 is not None for s in stages.values())
+    quality = ["top-1 (%)"] if by_top1 else ["cosine to dense outputs", "normalised MSE to dense outputs"]
+    lines = [f"| model | {' | '.join(quality)} | params (M) | GFLOPs | latency (ms) |",
+             "|---|" + "---:|" * (len(quality) + 3)]
     for name, s in stages.items():
         lat = "-" if s.latency_ms is None else f"{s.latency_ms:.2f}"
-        lines.append(f"| {name} | {s.top1:.2f} | {s.params / 1e6:.3f} | {s.flops / 1e9:.4f} | {lat} |")
+        cells = [_figure(s.top1, ".2f")] if by_top1 else [_figure(s.cosine, ".4f"), _figure(s.error, ".2e")]
+        lines.append(f"| {name} | {' | '.join(cells)} | {s.params / 1e6:.3f} | {s.flops / 1e9:.4f} | {lat} |")
     return "\n".join(lines)
+
+
+def _figure(value: Optional[float], fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
 
 
 def widths_table(widths: Sequence[Width]) -> list[str]:

@@ -112,6 +112,21 @@ def score(
     return out
 
 
+def method_for(method: str, objective: str) -> tuple[str, str]:
+    """The score method run for ``method`` under ``objective`` and, when it differs, why.
+
+    ``hessian`` ranks by the empirical Fisher of the training loss, which needs labels on class
+    logits: feature distillation from the model itself has no gradient at the dense model.  Under
+    ``"features"`` the units are therefore scored by ``kl``, the Fisher of the output distribution
+    (Gaussian on the output tensors), whose second-order form is the feature-distillation error.
+    """
+    if method == "hessian" and objective == "features":
+        return "kl", ("hessian needs labelled class logits (its empirical Fisher of a distillation loss is zero at "
+                      "the dense model), so the units were scored by kl: the Fisher of the output distribution, "
+                      "Gaussian on the output tensors")
+    return method, ""
+
+
 class _Counted:
     """An iterable without a length (a generator, a streaming loader), counting the batches it
     yields over all passes: empty data is only found by reading it."""

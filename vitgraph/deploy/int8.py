@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
 from vitgraph.errors import VitgraphError
 
-__all__ = ["quantize_int8", "evaluate_onnx", "int8_speedup"]
+__all__ = ["quantize_int8", "evaluate_onnx", "onnx_model", "int8_speedup"]
 
 
 def _input_name(path: Path) -> str:
@@ -29,7 +29,8 @@ def _input_name(path: Path) -> str:
 
 
 def quantize_int8(src: Path, dst: Path, calibration: Iterable[Any]) -> Path:
-    """``dst``: ``src`` quantized to int8, calibrated on the inputs of ``calibration``'s ``(x, y)`` batches."""
+    """``dst``: ``src`` quantized to int8, calibrated on the first inputs of ``calibration``'s batches
+    (``(x, y)`` or ``(x,)``)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -72,19 +73,30 @@ def _activation_matmuls(path: Path) -> list[str]:
     return [n.name for n in g.node if n.op_type == "MatMul" and not any(i in weights for i in n.input)]
 
 
+def onnx_model(path: Path) -> Callable[..., list[torch.Tensor]]:
+    """The ONNX file as a function of torch tensors returning its outputs (onnxruntime CPU), as a module would."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+
+    def run(*inputs: torch.Tensor) -> list[torch.Tensor]:
+        feeds = {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)}
+        return [torch.from_numpy(o) for o in sess.run(None, feeds)]
+
+    return run
+
+
 def evaluate_onnx(path: Path, data: Iterable[Any], progress: Any = None) -> float:
     """Top-1 (percent) of the ONNX file over ``(inputs, labels)`` batches on onnxruntime's CPU provider.
 
     ``progress`` is a tqdm-like bar to tick per batch, or ``None``.
     """
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
+    run = onnx_model(path)
     correct = total = 0
     for xb, yb in data:
-        pred = sess.run(None, {name: xb.cpu().numpy()})[0].argmax(-1)
-        correct += int((torch.from_numpy(pred) == yb.cpu()).sum())
+        pred = run(xb)[0].argmax(-1)
+        correct += int((pred == yb.cpu()).sum())
         total += len(yb)
         if progress is not None:
             progress.update(1)
