@@ -39,16 +39,19 @@ log = logging.getLogger("vitgraph.api")
 
 BOUND_MARK = "_vitgraph_method"  # set on the functions bound here, so a result pruned again keeps them
 CLASSIFIER_ATTR = "_vitgraph_classifier"  # {"module": name, "num_classes": n} after reset_classifier
+EXACT_TOL = 1e-4  # max relative output error of a method against the masked model (as verify_compressed)
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 _PLAIN = (int, float, str, bool, type(None))
 _KIND_WIDTHS = ("residual", "ffn")  # widths an attribute is read as (a head count of 3 is also in_chans)
 
 
-def keep_api(slim: fx.GraphModule, model: nn.Module, analysis: Any, plan: Any) -> fx.GraphModule:
-    """Give ``slim`` (``compress(model, plan)``) ``model``'s public tensor methods and attributes."""
+def keep_api(slim: fx.GraphModule, model: nn.Module, analysis: Any, plan: Any,
+             inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    """Give ``slim`` (``compress(model, plan)``) ``model``'s public tensor methods and attributes;
+    ``inputs`` are tensors of the plan's input shapes and dtypes (their values are not used)."""
     widths = _changed_widths(analysis, plan)
     _copy_attributes(slim, model, widths)
-    api = _bound_methods(slim, model, analysis, plan)
+    api = _bound_methods(slim, model, analysis, plan, inputs)
     if callable(getattr(model, "reset_classifier", None)):
         api["reset_classifier"] = reset_classifier
     _bind(type(slim), api)
@@ -165,15 +168,14 @@ def method_module(model: nn.Module, name: str) -> nn.Module:
     return obj
 
 
-def _bound_methods(slim: fx.GraphModule, model: nn.Module, analysis: Any, plan: Any) -> dict[str, Any]:
-    from vitgraph.api import _plan_inputs
-
+def _bound_methods(slim: fx.GraphModule, model: nn.Module, analysis: Any, plan: Any,
+                   inputs: tuple[torch.Tensor, ...]) -> dict[str, Any]:
     names = public_tensor_methods(model)
     if not names:
         return {}
     gen = torch.Generator().manual_seed(0)  # (the user's random state is left alone)
     base = tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype) if t.is_floating_point() else t
-                 for t in _plan_inputs(plan))
+                 for t in inputs)
     found: dict[str, Any] = {}
     feeds: list[torch.Tensor] = []  # outputs of methods that worked: inputs to try for the rest
     for _round in range(2):
@@ -237,12 +239,19 @@ def _transfer(analysis: Any, plan: Any, an: Any) -> Any:
 
 def _compress_method(slim: fx.GraphModule, model: nn.Module, mod: nn.Module, an: Any, sub: Any,
                      inputs: tuple) -> Any:
-    """The compressed method as a function of the compressed module (checked two ways)."""
-    from vitgraph.api import compress
-    from vitgraph.verify import verify_compressed
+    """The compressed method as a function of the compressed module, checked against the masked
+    method (on the plan's exact groups) and against the compressed module's tensors."""
+    from vitgraph.passes.exactness import exact_plan, output_error
+    from vitgraph.passes.mask import apply_mask
+    from vitgraph.passes.slim import slim as slim_pass
 
-    own = compress(mod, sub, an, keep_api=False)
-    verify_compressed(mod, own, sub, an, inputs)
+    own = slim_pass(an, sub.selection(an))
+    part = exact_plan(an, sub)
+    if part.kept:
+        cand = own if part.kept == sub.kept else slim_pass(an, part.selection(an))
+        err = output_error(cand, apply_mask(mod, an, part.selection(an)), inputs)
+        if err > EXACT_TOL:
+            raise VitgraphError(f"differs from the masked model (relative error {err:.2g})")
     state = dict(slim.named_parameters()) | dict(slim.named_buffers())
     mine = dict(own.named_parameters()) | dict(own.named_buffers())
     user = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}

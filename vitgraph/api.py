@@ -72,7 +72,7 @@ def compress(model: nn.Module, plan: Plan, analysis: Optional[Analysis] = None, 
 
     an = analysis_for(model, plan, analysis)
     out = _same_modes(slim(an, plan.selection(an)), model)
-    return attach(out, model, an, plan) if keep_api else out
+    return attach(out, model, an, plan, _plan_inputs(plan)) if keep_api else out
 
 
 @holds_existing_objects

@@ -24,6 +24,7 @@ from torch import nn
 from vitgraph.analysis.kinds import ALL_KINDS, BLOCK_KINDS
 from vitgraph.analysis.engine import analyze
 from vitgraph.api import compress, mask
+from vitgraph.passes.exactness import output_leaves, rel_err
 from vitgraph.planning.plan import Plan
 from vitgraph.errors import ArgumentTypeError
 
@@ -141,25 +142,9 @@ class CheckReport:
         return _first_failure(True, self.masked_rel_err, self.onnx_rel_err)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
-def _leaves(out: object) -> list[torch.Tensor]:
-    """Every tensor in a model output, in order, through nested tuples, lists and dicts (a
-    backbone's ``ModelOutput`` holds a tuple of feature maps)."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (tuple, list)):
-        return [t for x in out for t in _leaves(x)]
-    return []
-
-
 def _first(out: object) -> torch.Tensor:
     """The first tensor of a model output (what the equivalence checks compare)."""
-    leaves = _leaves(out)
+    leaves = output_leaves(out)
     if not leaves:
         raise ArgumentTypeError(f"the model output ({type(out).__name__}) holds no tensor")
     return leaves[0]
@@ -167,7 +152,7 @@ def _first(out: object) -> torch.Tensor:
 
 def _same_shapes(ref: object, out: object) -> bool:
     """Every output tensor keeps its shape (outputs are protected)."""
-    a, b = _leaves(ref), _leaves(out)
+    a, b = output_leaves(ref), output_leaves(out)
     return len(a) == len(b) and all(x.shape == y.shape for x, y in zip(a, b))
 
 
@@ -225,7 +210,7 @@ def check_model(
         step = "masked equivalence"
         inner = _comparable(an, Plan.random(an, ratio, kinds=BLOCK_KINDS, seed=seed + 1))
         with torch.no_grad():
-            rep.masked_rel_err = _rel(_first(compress(model, inner, an, keep_api=False)(x)), _first(mask(model, inner, an)(x)))
+            rep.masked_rel_err = rel_err(_first(compress(model, inner, an, keep_api=False)(x)), _first(mask(model, inner, an)(x)))
         if onnx:
             step = "ONNX export"
             rep.onnx_opset, rep.onnx_rel_err = _onnx_parity(slim, x, out)
@@ -268,7 +253,7 @@ def _check_plan(model: nn.Module, an: "Analysis", x: torch.Tensor, name: str, pl
         inner = _comparable(an, replace(plan, kept=dict(plan.kept)))
         with torch.no_grad():
             got = out if inner.kept == plan.kept else _first(compress(model, inner, an, keep_api=False)(x))
-            res.masked_rel_err = _rel(got, _first(mask(model, inner, an)(x)))
+            res.masked_rel_err = rel_err(got, _first(mask(model, inner, an)(x)))
         if onnx:
             step = "ONNX export"
             res.onnx_rel_err = _onnx_parity(slim, x, out)[1]

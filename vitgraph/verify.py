@@ -16,23 +16,13 @@ import torch.fx as fx
 from torch import nn
 
 from vitgraph.analysis.context import META_KEY, TensorDims
-from vitgraph.analysis.kinds import BLOCK_KINDS
 from vitgraph.errors import CompressionMismatchError, PlanError
+from vitgraph.passes.exactness import exact_plan, keeps_all, output_error, rel_err
 from vitgraph.planning.plan import Plan
 
 VERIFY_TOL = 1e-4  # max |compressed - masked| / max |masked|, per output tensor
 
 Inputs = Union[torch.Tensor, Sequence[torch.Tensor]]
-
-
-def exact_plan(analysis: Any, plan: Plan) -> Plan:
-    """``plan`` restricted to the groups whose masking is exact (block kinds, not normalised)."""
-    kept, groups = {}, {g.id: g for g in analysis.groups}
-    for gid, keep in plan.kept.items():
-        g = groups.get(gid)
-        if g is not None and g.kind in BLOCK_KINDS and not g.normalized and not _keeps_all(g, keep):
-            kept[gid] = keep
-    return replace(plan, kept=kept)
 
 
 def verify_compressed(model: nn.Module, slim: nn.Module, plan: Plan, analysis: Any = None,
@@ -54,13 +44,13 @@ def verify_compressed(model: nn.Module, slim: nn.Module, plan: Plan, analysis: A
         return 0.0
     xs = _inputs(plan, inputs)
     groups = {g.id: g for g in an.groups}
-    pruned = {g: k for g, k in plan.kept.items() if g in groups and not _keeps_all(groups[g], k)}
+    pruned = {g: k for g, k in plan.kept.items() if g in groups and not keeps_all(groups[g], k)}
     candidate = slim if sub.kept == pruned else compress(model, sub, an, keep_api=False)
     masked = mask(model, sub, an)
-    err = _output_error(candidate, masked, xs)
+    err = output_error(candidate, masked, xs)
     if err <= tol:
         return err
-    again = _output_error(masked, masked, xs)  # (only on a mismatch: is the model itself repeatable?)
+    again = output_error(masked, masked, xs)  # (only on a mismatch: is the model itself repeatable?)
     if again > tol:
         raise CompressionMismatchError(
             f"cannot check the compressed model: the model gives different outputs on the same input "
@@ -79,13 +69,6 @@ def verify_compressed(model: nn.Module, slim: nn.Module, plan: Plan, analysis: A
     )
 
 
-def _keeps_all(g: Any, keep: Any) -> bool:
-    """Whether ``keep`` keeps every unit of group ``g``."""
-    if keep and isinstance(keep[0], (list, tuple)):
-        return all(len(k) == g.size for k in keep)
-    return len(keep) == g.size
-
-
 def _inputs(plan: Plan, inputs: Optional[Inputs]) -> tuple[torch.Tensor, ...]:
     if inputs is None:
         gen = torch.Generator().manual_seed(0)
@@ -100,41 +83,13 @@ def _inputs(plan: Plan, inputs: Optional[Inputs]) -> tuple[torch.Tensor, ...]:
     return (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
 
 
-def _leaves(out: Any) -> list[torch.Tensor]:
-    from vitgraph.check import _leaves as leaves
-
-    return leaves(out)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12)) if b.numel() else 0.0
-
-
-def _output_error(slim: nn.Module, masked: nn.Module, xs: tuple[torch.Tensor, ...]) -> float:
-    """Largest relative error over the output tensors of equal shape (a changed shape: inf), both
-    models in eval mode (dropout would make any two runs differ); their modes are restored."""
-    modes = [(m, m.training) for m in (*slim.modules(), *masked.modules())]
-    try:
-        slim.eval(), masked.eval()
-        with torch.no_grad():
-            got, want = _leaves(slim(*xs)), _leaves(masked(*xs))
-    finally:
-        for m, training in modes:
-            m.training = training
-    if len(got) != len(want):
-        return float("inf")
-    errs = [_rel(a, b) if a.shape == b.shape else float("inf") for a, b in zip(got, want)]
-    return max(errs, default=0.0)
-
-
 def _culprit(model: nn.Module, an: Any, sub: Plan, xs: tuple, tol: float) -> tuple[str, float]:
     """The first group of ``sub`` that differs on its own (by halving the groups), and its error."""
     from vitgraph.api import compress, mask
 
     def err(ids: list[str]) -> float:
         part = replace(sub, kept={g: sub.kept[g] for g in ids})
-        return _output_error(compress(model, part, an, keep_api=False), mask(model, part, an), xs)
+        return output_error(compress(model, part, an, keep_api=False), mask(model, part, an), xs)
 
     ids = list(sub.kept)
     while len(ids) > 1:
@@ -182,6 +137,6 @@ def _first_divergent_op(an: Any, one: Plan, slim: nn.Module, xs: tuple, tol: flo
         want = m if keep is None else m[keep]
         if want.numel() != s.numel():
             continue
-        if _rel(s.reshape(-1), want.reshape(-1)) > tol:
+        if rel_err(s.reshape(-1), want.reshape(-1)) > tol:
             return node.format_node()
     return None
