@@ -144,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
              "with magnitude scores on random weights; fractions are the cost model's (the aligned FLOPs plan is "
              "also compressed and measured with count_flops: `count/plan` is its count over the plan's predicted "
              "FLOPs; where `flops aligned (count_flops)` differs from `flops aligned`, count_flops disagrees with "
-             "the cost model on the dense model, e.g. torchvision's nn.MultiheadAttention). A row passes when both targets land within 2% "
-             "under the fraction, the aligned FLOPs plan breaks no rule and every fused attention call of the "
-             "compressed model gets equal q/k/v head dims. Command: `python benchmarks/align_kernels.py "
+             "the cost model on the dense model, e.g. torchvision's nn.MultiheadAttention). A row passes when both "
+             "targets land within 2% under the fraction, the aligned FLOPs plan breaks no rule and every fused "
+             "attention call of the compressed model gets equal q/k/v head dims. Command: "
+             "`python benchmarks/align_kernels.py "
              + " ".join(sys.argv[1:] if argv is None else argv) + "`")
     path = write_results_md(a.name, "Kernel-aligned plans (align=\"kernels\")", rows, notes)
     print(f"wrote {path}")

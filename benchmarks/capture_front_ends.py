@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
             batch = torch.export.Dim("batch", min=1, max=1024)
             try:
                 ep = torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False)
-                row["torch.export capture s"] = f"{_median_time(lambda: torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False), a.reps):.2f}"
+                seconds = _median_time(lambda: torch.export.export(model, (x,), dynamic_shapes=({0: batch},), strict=False),
+                                       a.reps)
+                row["torch.export capture s"] = f"{seconds:.2f}"
                 known, calls = _known(ep.graph_module)
                 row["ATen ops known"] = f"{known}/{calls}"
             except Exception as e:  # noqa: BLE001 - a failed capture is a result

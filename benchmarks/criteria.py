@@ -336,7 +336,8 @@ def run_dataset_seed(name: str, seed: int, a, store: "Store") -> None:
             for fraction in a.fractions:
                 todo = [p for p in protocols if not store.has(protocol=p, fraction=fraction, proxy=n,
                                                               criterion=method, **base)
-                        and not (p == "allocation-long-ft" and (fraction != 0.5 or (proxy != ft_proxy and method not in NO_DATA)))]
+                        and not (p == "allocation-long-ft"
+                                 and (fraction != 0.5 or (proxy != ft_proxy and method not in NO_DATA)))]
                 if not todo:
                     continue
                 t0 = time.perf_counter()
@@ -388,7 +389,7 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+        self.rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
         self.keys = {tuple(r[k] for k in self.KEY) for r in self.rows}
 
     def has(self, **kw) -> bool:
@@ -511,7 +512,8 @@ def checks(rows: list[dict], datasets) -> list[str]:
             if ftd:
                 best_ft = max(ftd, key=lambda c: mean(ftd[c], "after"))
                 lines.append(f"  best vitgraph criterion after the fine-tune: {best_ft[0]} (proxy {best_ft[1] or '-'}) "
-                             f"{100 * mean(ftd[best_ft], 'after'):.1f} ({100 * (mean(ftd[best_ft], 'after') - dense):+.1f} points)")
+                             f"{100 * mean(ftd[best_ft], 'after'):.1f} "
+                             f"({100 * (mean(ftd[best_ft], 'after') - dense):+.1f} points)")
             longft = [r for r in rows if r["dataset"] == name and r["protocol"] == "allocation-long-ft"]
             for crit in sorted({r["criterion"] for r in longft}):
                 rs = [r for r in longft if r["criterion"] == crit]
@@ -566,9 +568,9 @@ def write_report(rows: list[dict], a, seconds: float, command: str) -> Path:
         "the largest proxy set and the criteria that take no data, on every allocation plan and on the ranking "
         f"plans at {a.ft_ranking_fractions} removed; the longer fine-tune (allocation-long-ft: the 50%-FLOPs plans of "
         f"{', '.join(a.long_ft_criteria)}) is {a.long_ft_steps} steps of batch 64 at lr {a.long_ft_lr} with NViT's "
-        "loss (CE + KL distillation at tau 20). 'score s': wall seconds to score, median over the runs that scored (Torch-Pruning: gradient "
-        "accumulation; its Hessian loops over the last proxy batch only, which gives 1.6.0's importance exactly, "
-        "see above).\n\n"
+        "loss (CE + KL distillation at tau 20). 'score s': wall seconds to score, median over the runs that scored "
+        "(Torch-Pruning: gradient accumulation; its Hessian loops over the last proxy batch only, which gives 1.6.0's "
+        "importance exactly, see above).\n\n"
         "## Done-when checks (computed from the rows)\n\n" + "\n".join(checks(rows, datasets)) + "\n\n"
         + "\n".join(parts[1:])
     )
@@ -628,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} seed {seed}", flush=True)
                 run_dataset_seed(name, seed, a, store)
     rows = [r for r in store.rows if r["dataset"] in a.datasets and r["seed"] in a.seeds
-            and (r["protocol"] == "dense" or (r["fraction"] in a.fractions and r["criterion"] in a.criteria + ["threshold-widths"]))]
+            and (r["protocol"] == "dense"
+                 or (r["fraction"] in a.fractions and r["criterion"] in a.criteria + ["threshold-widths"]))]
     command = "python benchmarks/criteria.py " + " ".join(argv if argv is not None else sys.argv[1:])
     path = write_report(rows, a, time.perf_counter() - t0, command.strip())
     print(f"wrote {path}")

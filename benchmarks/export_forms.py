@@ -244,7 +244,7 @@ def main() -> None:
             })
         print(format_table([r for r in rows if r["model"] == label]), flush=True)
         spread = {"wall": [], "cpu": []}
-        for key, first in groups.items():
+        for _key, first in groups.items():
             members = [r for r in rows if r["model"] == label and r["executes_as"] == first]
             if len(members) > 1:
                 for m, col in (("wall", "wall_ratio"), ("cpu", "cpu_ratio")):
@@ -258,12 +258,12 @@ def main() -> None:
         f"interleaved rounds at {args.threads} intra-op threads (the machine is shared: other jobs were running, "
         f"so wall time moves by several percent between identical graphs). cpu_ms: lowest CPU time of the calling "
         f"thread over {args.cpu_rounds} interleaved rounds at 1 intra-op thread, spinning off (no waits for the "
-        "other jobs; they can only add to it). Ratios are to the best form of the same model. export_s: wall time to write the form "
-        "(the dynamo exporter's capture, decomposition and onnxscript optimisation; post-processing included). "
+        "other jobs; they can only add to it). Ratios are to the best form of the same model. export_s: wall time to "
+        "write the form (the dynamo exporter's capture, decomposition and onnxscript optimisation; post-processing included). "
         "checker: onnx.checker.check_model(full_check=True); parity: max abs difference from torch at batch 1 and 2. "
         "executes_as: the first form whose graph after onnxruntime's own optimisation has the same ops "
-        "(same kernels on the same tensors, so the same cost). ort_ops: op types onnxruntime runs (shape plumbing, Conv and Gemm left "
-        "out; ms: = com.microsoft contrib op).\n\n" + "\n".join(notes)
+        "(same kernels on the same tensors, so the same cost). ort_ops: op types onnxruntime runs (shape plumbing, "
+        "Conv and Gemm left out; ms: = com.microsoft contrib op).\n\n" + "\n".join(notes)
     )
     path = write_results_md(args.name, "ONNX export forms on onnxruntime CPU", rows, text)
     print(f"wrote {path}")

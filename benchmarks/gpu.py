@@ -188,12 +188,14 @@ def plan_cells(built: list[Built], a: argparse.Namespace, ctx: "Ctx") -> list[Ce
 
     compile_cells(["fp16"])
     for m in names:
-        add("sparse24", m, "fp16", ",".join(map(str, batches)), "to_sparse_semi_structured vs dense 2:4-masked, model + per Linear shape",
+        add("sparse24", m, "fp16", ",".join(map(str, batches)),
+            "to_sparse_semi_structured vs dense 2:4-masked, model + per Linear shape",
             20, lambda b=by[m]: ctx.sparse24(b, batches))
     for m in names:
         for rt in ("torch-cuda", "ort-cuda"):
             for bs in a.lut_batches:
-                add("lut", m, "fp32", bs, f"LatencyTable({rt!r}) prediction vs measure_many (~{ctx.lut_points(by[m], rt, bs)} points)",
+                add("lut", m, "fp32", bs,
+                    f"LatencyTable({rt!r}) prediction vs measure_many (~{ctx.lut_points(by[m], rt, bs)} points)",
                     30 if rt == "ort-cuda" else 15, lambda b=by[m], rt=rt, bs=bs: ctx.lut(b, rt, bs))
     compile_cells(["fp32"])
     for m in names:
@@ -462,7 +464,8 @@ class Ctx:
                         stats = self.timed({"2:4 masked, dense kernels": torch_runner(dense16, x),
                                             "semi-structured": torch_runner(sparse, x)})
                         d, s = stats["2:4 masked, dense kernels"], stats["semi-structured"]
-                        rows.append({"variant": v, "batch": bs, "Linear converted": f"{len(st.converted)} (skipped {len(rep.skipped)})",
+                        rows.append({"variant": v, "batch": bs,
+                                     "Linear converted": f"{len(st.converted)} (skipped {len(rep.skipped)})",
                                      "dense-kernel ms": round(d.median_ms, 4), "semi-structured ms": round(s.median_ms, 4),
                                      "speedup": round(d.median_ms / s.median_ms, 3), "max abs diff": f"{diff:.1e}"})
                     except Exception as e:  # noqa: BLE001
@@ -491,8 +494,9 @@ class Ctx:
                     return run
                 stats = self.timed({"dense": mk(lin), "semi-structured": mk(lambda: torch.nn.functional.linear(xin, ws, bias))})
                 d, s = stats["dense"], stats["semi-structured"]
-                rows.append({"variant": f"Linear {out_f}x{in_f}", "batch": f"{bs}x{n_tok} rows", "dense-kernel ms": round(d.median_ms, 4),
-                             "semi-structured ms": round(s.median_ms, 4), "speedup": round(d.median_ms / s.median_ms, 3)})
+                rows.append({"variant": f"Linear {out_f}x{in_f}", "batch": f"{bs}x{n_tok} rows",
+                             "dense-kernel ms": round(d.median_ms, 4), "semi-structured ms": round(s.median_ms, 4),
+                             "speedup": round(d.median_ms / s.median_ms, 3)})
             except Exception as e:  # noqa: BLE001
                 rows.append({"variant": f"Linear {out_f}x{in_f}", "note": "failed: " + _err(e)})
         return rows
@@ -529,7 +533,8 @@ class Ctx:
         rows = []
         for v in VARIANTS:
             ms = stats[v].median_ms
-            rows.append({"runtime": runtime, "batch": batch, "variant": v, "predicted ms": round(pred[v], 4), "measured ms": round(ms, 4),
+            rows.append({"runtime": runtime, "batch": batch, "variant": v,
+                         "predicted ms": round(pred[v], 4), "measured ms": round(ms, 4),
                          "predicted/measured": round(pred[v] / ms, 3),
                          "predicted fraction": round(pred[v] / pred["dense"], 4),
                          "measured fraction": round(ms / stats["dense"].median_ms, 4),
@@ -609,7 +614,8 @@ def write_md(path: Path, env: dict, sections: dict[str, list[dict]], notes: list
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dry-run", action="store_true", help="build models and plans, list the cells, measure nothing, write nothing")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="build models and plans, list the cells, measure nothing, write nothing")
     ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--dtypes", nargs="+", default=["fp16", "bf16", "fp32"], choices=list(DTYPES))
@@ -683,7 +689,8 @@ def main(argv: list[str] | None = None) -> int:
         base = {"model": c.model, "dtype": c.dtype, "batch": c.batch}
         elapsed = time.perf_counter() - Ctx.start
         if ctx.over_budget(c.est_s if c.est_s >= 30 else 0):
-            sections.setdefault(c.section, []).append(dict(base, note=f"skipped: budget ({elapsed:.0f} s of {a.budget_s:.0f} s spent)"))
+            sections.setdefault(c.section, []).append(
+                dict(base, note=f"skipped: budget ({elapsed:.0f} s of {a.budget_s:.0f} s spent)"))
             notes.append(f"skipped ({c.section}, budget): {c.label().strip()}")
             print(f"[{i}/{len(cells)}] SKIP (budget) {c.label()}", flush=True)
             continue

@@ -215,10 +215,12 @@ def main() -> None:
                             dev = args.device
                             fns = {k: torch_runner(m.to(dev), x.to(dev)) for k, m in cands.items()}
                         else:
-                            prov = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.device == "cuda" else ["CPUExecutionProvider"]
+                            prov = (["CUDAExecutionProvider", "CPUExecutionProvider"] if args.device == "cuda"
+                                    else ["CPUExecutionProvider"])
                             fns = {k: ort_runner(p, x, providers=prov, threads=args.threads if args.device == "cpu" else None)
                                    for k, p in paths.items()}
-                        st = {k: v.median_ms for k, v in measure_latency(fns, warmup=1, reps=args.reps, rounds=args.rounds).items()}
+                        st = {k: v.median_ms
+                              for k, v in measure_latency(fns, warmup=1, reps=args.reps, rounds=args.rounds).items()}
                         del fns
                         row = _row(name, f"{runtime}-{args.device}", b, flops_ratio, st, slim_form if runtime == "ort" else "")
                         if runtime == "ort" and args.device == "cpu" and args.cpu_rounds:

@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append((f"{D} iterative (3 steps)", D,
                      prune_argv(ckpts[D], train, val, work / f"out_{D}_iter", D, "flops:0.5",
                                 a.finetune_epochs, ("--schedule", "iterative", "--steps", "3", "--int8"))))
-    for row, method, args in runs:
+    for row, _method, args in runs:
         out = Path(args[args.index("--out") + 1])
         cmd = [vitgraph_bin, *args]
         commands.append(shlex.join(cmd))
@@ -579,7 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(rows))
     print(format_table(done))
     print(f"total {total:.0f} s")
-    argv_line = shlex.join([Path(sys.executable).name, "benchmarks/prune_pipeline.py", *(argv if argv is not None else sys.argv[1:])])
+    argv_line = shlex.join([Path(sys.executable).name, "benchmarks/prune_pipeline.py",
+                            *(argv if argv is not None else sys.argv[1:])])
     notes = [
         "## Done when", "", _md(done), "",
         f"Benchmark command: `{argv_line}` (total {total / 60:.1f} min on this machine, shared with two other jobs).", "",

@@ -51,7 +51,7 @@ def hessian_vs_train(model, an, batch, reps: int) -> dict[str, float]:
            "hessian fisher": lambda: vitgraph.score(model, an, "hessian", data=[batch]),
            "hessian hvp (1 probe)": lambda: vitgraph.score(model, an, "hessian", data=[batch], mode="hvp")}
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for k, f in fns.items():  # warm-up
+    for f in fns.values():  # warm-up
         f()
     for _ in range(reps):
         for k, f in fns.items():
@@ -117,10 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     print(agree, flush=True)
     rows = [
         {"measure": "hessian fisher / train step", "value": round(h["hessian fisher"] / h["train step"], 2), "target": "<= 3"},
-        {"measure": "hessian hvp (1 probe) / train step", "value": round(h["hessian hvp (1 probe)"] / h["train step"], 2), "target": "-"},
-        {"measure": f"approx KL, passes over the proxy set ({a.samples} label draws)", "value": round(k["kl"] / k["pass"], 2), "target": "<= 20"},
-        {"measure": "rank corr. approx vs exact KL (small ViT)", "value": round(agree["kl approx vs exact"], 3), "target": ">= 0.8"},
-        {"measure": "rank corr. Fisher vs HVP Hessian (small ViT)", "value": round(agree["hessian fisher vs hvp"], 3), "target": "-"},
+        {"measure": "hessian hvp (1 probe) / train step",
+         "value": round(h["hessian hvp (1 probe)"] / h["train step"], 2), "target": "-"},
+        {"measure": f"approx KL, passes over the proxy set ({a.samples} label draws)",
+         "value": round(k["kl"] / k["pass"], 2), "target": "<= 20"},
+        {"measure": "rank corr. approx vs exact KL (small ViT)",
+         "value": round(agree["kl approx vs exact"], 3), "target": ">= 0.8"},
+        {"measure": "rank corr. Fisher vs HVP Hessian (small ViT)",
+         "value": round(agree["hessian fisher vs hvp"], 3), "target": "-"},
     ]
     print(format_table(rows))
     notes = (f"Command: `python benchmarks/score_cost.py --model {a.model} --batch {a.batch} --proxy {a.proxy} "

@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
              "No GPU in this run: the CUDA conversion (`to_sparse_semi_structured`) and its speedup were not measured.")
     path = write_results_md("sparsity24", f"2:4 sparsity through ONNX ({a.model})", rows, notes)
     print(f"wrote {path}")
-    ok = all(r["check-24 exit"] == 0 and r["groups with exactly 2 of 4"].split("/")[0] == r["groups with exactly 2 of 4"].split("/")[1] for r in rows)
+    ok = all(r["check-24 exit"] == 0
+             and r["groups with exactly 2 of 4"].split("/")[0] == r["groups with exactly 2 of 4"].split("/")[1]
+             for r in rows)
     return 0 if ok else 1
 
 

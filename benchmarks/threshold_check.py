@@ -50,7 +50,8 @@ sys.path.insert(0, str(HERE))
 import criteria as C  # noqa: E402
 
 OLD_COMMIT = "9fd7be7"
-CRITERIA = ("kl", "tp-magnitude", "threshold", "threshold-weights", "threshold-depth", "old-threshold-widths", "old-threshold-p2t")
+CRITERIA = ("kl", "tp-magnitude", "threshold", "threshold-weights", "threshold-depth",
+            "old-threshold-widths", "old-threshold-p2t")
 
 
 def old_threshold_module():
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     a.cache.mkdir(parents=True, exist_ok=True)
-    store = [json.loads(l) for l in a.store.read_text().splitlines() if l.strip()] if a.store.exists() else []
+    store = [json.loads(line) for line in a.store.read_text().splitlines() if line.strip()] if a.store.exists() else []
     if any(c.startswith("old-") for c in a.criteria):
         a.old_module = old_threshold_module()
     t0 = time.perf_counter()

@@ -29,7 +29,8 @@ def split_batch(batch: Any) -> tuple[tuple[Any, ...], Any]:
     return (tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)), targets
 
 
-def scoring_batches(data: Iterable[Any], max_batches: Optional[int], device: Optional[torch.device]) -> Iterator[tuple[tuple[Any, ...], Any]]:
+def scoring_batches(data: Iterable[Any], max_batches: Optional[int],
+                    device: Optional[torch.device]) -> Iterator[tuple[tuple[Any, ...], Any]]:
     """``(inputs, targets)`` of this rank's share of ``data`` (at most ``max_batches``), on ``device``.
 
     Under torchrun rank ``r`` of ``N`` scores batches ``r, r + N, ...``: every batch exactly once

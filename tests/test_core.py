@@ -179,7 +179,8 @@ def test_onnx_export_of_a_compressed_model(x32, tmp_path):
 
 
 def test_distilled_deit(x32):
-    m = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, depth=1, embed_dim=48, num_heads=3).eval()
+    m = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, depth=1, embed_dim=48,
+                          num_heads=3).eval()
     an = vitgraph.analyze(m, x32[:1])
     assert "dist_token" in {p for p, _ in an.group("residual").params}
     plan = random_plan(an, ("qk", "v", "head", "ffn"))

@@ -337,7 +337,8 @@ def test_compress_and_mask_keep_the_training_flag():
     an = vitgraph.analyze(m, x)
     plan = vitgraph.Plan.from_scores(an, ratio=0.5)
     assert m.training and an.graph_module.training
-    for out in (vitgraph.compress(m, plan), vitgraph.mask(m, plan), vitgraph.compress(m, vitgraph.Plan.from_json(plan.to_json()))):
+    for out in (vitgraph.compress(m, plan), vitgraph.mask(m, plan),
+                vitgraph.compress(m, vitgraph.Plan.from_json(plan.to_json()))):
         assert out.training and all(mod.training for mod in out.modules())
     assert all(mod.training for mod in m.modules())
     m.eval()

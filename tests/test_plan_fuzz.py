@@ -7,7 +7,6 @@ nested lists.  Whatever comes out, the model's weights and training flag are unc
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import pytest
 import torch

@@ -36,7 +36,8 @@ def test_cost_model_matches_counts(setup):
     cm = CostModel(an)
     assert cm.flops() == count_flops(model, x)
     assert cm.params() == count_params(model)
-    plans = [plan_to_target(an, target=t, fraction=0.5, mode=m, kinds=KINDS) for t in ("flops", "params") for m in ("global", "uniform")]
+    plans = [plan_to_target(an, target=t, fraction=0.5, mode=m, kinds=KINDS)
+             for t in ("flops", "params") for m in ("global", "uniform")]
     ragged = vitgraph.Plan.keep_all(an)
     ragged.keep("blocks.0.attn:qk", [[0, 1, 2, 3]] * 3).keep("blocks.0.attn:v", [[0, 1, 2, 3, 4, 5, 6, 7, 8]] * 3)
     ragged.keep("blocks.1.attn:head", [0, 2])

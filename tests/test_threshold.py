@@ -64,7 +64,8 @@ def test_binarizer_keeps_ceil_r_n_with_straight_through_gradients():
     w = torch.randn(2, 10)
     (m * w).sum().backward()
     assert torch.allclose(g.scores.grad, w)  # straight through to the scores
-    assert g.theta.grad is not None and float(g.theta.grad) == pytest.approx(float(w.sum() * r.detach() * (1 - r.detach())), rel=1e-5)
+    assert g.theta.grad is not None
+    assert float(g.theta.grad) == pytest.approx(float(w.sum() * r.detach() * (1 - r.detach())), rel=1e-5)
     g16 = _Gate(None, (40,), 16, torch.nn.Parameter(torch.randn(40)), torch.nn.Parameter(torch.tensor(0.0)))
     assert g16.count(torch.tensor(0.3)) == 16 and g16.count(torch.tensor(0.5)) == 32 and g16.count(torch.tensor(0.9)) == 40
 

@@ -20,8 +20,10 @@ from vitgraph.prune import PruneResult, prune
 from vitgraph.verify import verify_compressed
 
 __all__ = [
-    "Analysis", "ChannelGroup", "CostModel", "FrozenChannels", "LatencyTable", "Plan", "plan_to_target", "analyze", "compress", "mask",
-    "register_rule", "reconstruct", "export_onnx", "load", "save", "score", "Scores", "prune", "PruneResult", "sparsify_24", "merge_heads", "head_merge_plan", "TraceError", "PlanError", "ScoreError", "AnalysisError", "ExportError", "VitgraphError",
+    "Analysis", "ChannelGroup", "CostModel", "FrozenChannels", "LatencyTable", "Plan", "plan_to_target", "analyze", "compress",
+    "mask", "register_rule", "reconstruct", "export_onnx", "load", "save", "score", "Scores", "prune", "PruneResult",
+    "sparsify_24", "merge_heads", "head_merge_plan", "TraceError", "PlanError", "ScoreError", "AnalysisError", "ExportError",
+    "VitgraphError",
     "verify_compressed", "CompressionMismatchError", "ArgumentError", "ArgumentTypeError", "DataError", "UnknownGroupError",
 ]
 __version__ = "0.1.0"

@@ -282,6 +282,7 @@ def _onnx_parity(slim: nn.Module, x: torch.Tensor, out: torch.Tensor) -> tuple[i
 def _describe(step: str, e: BaseException) -> str:
     """``"<step>: <Error>: <first line> [file:line]"``, naming the innermost vitgraph frame."""
     tb = traceback.extract_tb(e.__traceback__)
-    where = next((f"{Path(f.filename).name}:{f.lineno}" for f in reversed(tb) if "vitgraph" in f.filename or "passes" in f.filename), "")
+    where = next((f"{Path(f.filename).name}:{f.lineno}" for f in reversed(tb)
+                  if "vitgraph" in f.filename or "passes" in f.filename), "")
     msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
     return f"{step}: {type(e).__name__}: {msg} [{where}]"

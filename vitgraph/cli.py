@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 from itertools import islice
-from typing import Any, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -17,6 +17,9 @@ from vitgraph.analysis.kinds import PRUNABLE_KINDS
 from vitgraph.errors import VitgraphError
 from vitgraph import artifact
 from vitgraph.models import load_model_and_source, parse_model_args
+
+if TYPE_CHECKING:
+    from vitgraph.planning.plan import Plan
 
 SPARSITY_FILE = artifact.SPARSITY_FILE
 ALIGN_HELP = ("kernels: widths fused GPU kernels run fast (equal q/k and v head dims, multiples of 8, at least 16; "
@@ -236,7 +239,8 @@ def cmd_compress(a: argparse.Namespace) -> int:
     with step("exporting ONNX and checking parity"):
         rep = export_onnx(slim, out / "model.onnx", (x,))
     with step("counting FLOPs and measuring latency"):
-        rows = {"dense": (count_params(model), count_flops(model, (x,))), "compressed": (count_params(slim), count_flops(slim, (x,)))}
+        rows = {"dense": (count_params(model), count_flops(model, (x,))),
+                "compressed": (count_params(slim), count_flops(slim, (x,)))}
         lat = measure_latency({"dense": torch_runner(model, (x,)), "compressed": torch_runner(slim, (x,))}, reps=a.reps, rounds=3)
     print(f"\n{'':<12}{'params (M)':>12}{'GFLOPs':>10}{'latency ms':>12}")
     for k, (p, f) in rows.items():
@@ -348,7 +352,8 @@ def _prune(a: argparse.Namespace) -> int:
         print()
         print(r.table())
         print(f"\nFLOPs fraction {r.flops_fraction:.3f}; wrote {a.out}/: source.json, plan.json, model.safetensors, "
-              f"model.onnx{', model.int8.onnx' if a.int8 else ''}, preprocess.json, widths.png, report.md; reload with vitgraph.load({a.out!r})")
+              f"model.onnx{', model.int8.onnx' if a.int8 else ''}, preprocess.json, widths.png, report.md; "
+              f"reload with vitgraph.load({a.out!r})")
     return 0
 
 
@@ -358,7 +363,8 @@ def cmd_export(a: argparse.Namespace) -> int:
     model, x, _ = _load(a)
     with step(f"exporting {a.model} to {a.out}"):
         rep = export_onnx(model, a.out, (x,), opset=a.opset, simplify=a.simplify)
-    print(f"{rep.exporter} exporter, opset {rep.opset}, {rep.n_nodes} nodes, parity max abs diff {rep.max_abs_diff:.2e}; ops: {', '.join(rep.op_types)}")
+    print(f"{rep.exporter} exporter, opset {rep.opset}, {rep.n_nodes} nodes, "
+          f"parity max abs diff {rep.max_abs_diff:.2e}; ops: {', '.join(rep.op_types)}")
     return 0
 
 

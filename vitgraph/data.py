@@ -26,7 +26,8 @@ FASHION_MNIST_CLASSES = 10
 _FASHION_MNIST_FILES = tuple(f"{p}-{kind}-ubyte" for p in ("train", "t10k") for kind in ("images-idx3", "labels-idx1"))
 
 
-def load_fashion_mnist(split: str = "train", root: Path = FASHION_MNIST_DIR, limit: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def load_fashion_mnist(split: str = "train", root: Path = FASHION_MNIST_DIR,
+                       limit: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``[N, 1, 28, 28]`` in [0, 1] and labels ``[N]`` of one split (``train``/``test``).
 
     ``root`` holds the four idx files, plain or gzipped (``<name>-ubyte[.gz]``, as Debian's

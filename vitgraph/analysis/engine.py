@@ -124,7 +124,7 @@ class Analysis:
         lines = [f"{g.id}: {g.kind} group of {g.size} units; roles {sorted(self.store.roles.get(g.axis, ()))}"]
         lines.append(f"  parameters: {', '.join(f'{p}[dim {d}]' for p, d in g.params) or '-'}")
         seen = set()
-        for a, b, data in self.graph.edges(comp, data=True):
+        for _a, _b, data in self.graph.edges(comp, data=True):
             why = data.get("why")
             if why is None or str(why) in seen:
                 continue
@@ -344,8 +344,9 @@ def _location(params: Sequence[tuple[str, int]], shapes: Mapping[str, TensorDims
     A group with root parameters (class token, position embedding) is the model's own stream and
     gets no location; constants that tracing made (a rotary table) place nothing. When the
     parameters share no module, or only a container of numbered blocks (a stage's stream feeding
-    the next stage, attention shared across blocks), the producers place it: dim 0 of a matrix or conv weight (an input dim only consumes the group). If they too share
-    no module, every branch is named: ``crpe1.conv_list+serial_blocks1``.
+    the next stage, attention shared across blocks), the producers place it: dim 0 of a matrix or
+    conv weight (an input dim only consumes the group). If they too share no module, every branch
+    is named: ``crpe1.conv_list+serial_blocks1``.
     """
     params = [(p, d) for p, d in params if p in state] or list(params)
     owners = list(dict.fromkeys(_owner(p) for p, _ in params))
@@ -432,7 +433,7 @@ def _build_groups(an: Analysis) -> None:
     state = {n for n, _ in itertools.chain(model.named_parameters(), model.named_buffers())}
     ids: dict[str, int] = {}
     named: dict[int, str] = {}
-    for a, kind, params, nodes in raw:
+    for a, kind, params, _nodes in raw:
         where = _location(params, an.params, state)
         base = f"{where}:{kind}" if where else kind
         n = ids.get(base, 0)

@@ -7,7 +7,7 @@ and only while the module's class inherits that class's ``forward``: a subclass 
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import torch.fx as fx
 from torch import nn

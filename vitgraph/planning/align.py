@@ -5,8 +5,9 @@ per-head widths that are multiples of 8 and at least 16 (fused attention kernels
 and cuDNN, take one head dim for q, k and v, in multiples of 8), FFN and residual widths that are
 multiples of 64 (tensor-core GEMM tiles), and other channel groups in multiples of 8.  A group
 whose dense width is below the minimum, or that cannot meet the rules (an attention designed with
-unequal q/k and v head dims, as LeViT's), keeps its full width (the dense model is what it is).  An attention's q/k and v groups are found by their shared ``head``
-group (``ChannelGroup.head_group``), never by names.
+unequal q/k and v head dims, as LeViT's), keeps its full width (the dense model is what it is).
+An attention's q/k and v groups are found by their shared ``head`` group
+(``ChannelGroup.head_group``), never by names.
 """
 from __future__ import annotations
 

@@ -634,7 +634,7 @@ def _global(cm: CostModel, states: dict, target: str, goal: float, eta: float, t
                 states[k].width = widths[k] = nxt
             break
         removed = 0
-        for pri, gid, nxt in heapq.nsmallest(batch_units, cands):
+        for _pri, gid, nxt in heapq.nsmallest(batch_units, cands):
             st = states[gid]
             if st.next_width() != nxt:
                 continue
@@ -694,7 +694,7 @@ def _fill(cm: CostModel, states: dict[str, _GroupState], widths: dict[str, int],
     tiny = 1e-12 * max(goal, 1.0)
     while True:
         best = None
-        for gid, st in states.items():
+        for st in states.values():
             up = st.up_width()
             if up is None or st.follows:
                 continue

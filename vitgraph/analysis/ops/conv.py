@@ -179,6 +179,8 @@ def _conv_function_inputs(node: fx.Node, module: Optional[nn.Module]) -> Optiona
 declare(nn.Conv1d, nn.Conv2d, nn.Conv3d, rule=conv_module, rewrite=rewrite_conv, convolution=True,
         cost=Cost("conv", _conv_module_inputs))
 declare(F.conv1d, F.conv2d, F.conv3d, rule=conv_function, convolution=True, cost=Cost("conv", _conv_function_inputs))
-declare(nn.AvgPool1d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.max_pool2d, F.adaptive_avg_pool1d, F.avg_pool1d, F.interpolate, nn.Upsample, F.pad, torch.roll, "roll", rule=spatial_rule, cost=ELTWISE)
+declare(nn.AvgPool1d, nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, F.avg_pool2d,
+        F.adaptive_avg_pool2d, F.max_pool2d, F.adaptive_avg_pool1d, F.avg_pool1d, F.interpolate, nn.Upsample, F.pad,
+        torch.roll, "roll", rule=spatial_rule, cost=ELTWISE)
 declare(nn.Unfold, F.unfold, rule=unfold_rule, cost=ELTWISE)
 declare(nn.Fold, F.fold, rule=fold_rule, cost=ELTWISE)

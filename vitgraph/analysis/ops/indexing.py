@@ -235,7 +235,9 @@ def getitem_rule(ctx: RuleContext, node: fx.Node) -> Any:
             # bounds computed from sizes are read at their traced values where channels are sliced
             # (channel counts are static; slimming writes the new bounds as constants)
             sx = _static_slice(x) if lay is not None else x
-            start, stop, step = sx.indices(size) if sx is not None and all(isinstance(v, (int, type(None))) for v in (sx.start, sx.stop, sx.step)) else (None, None, None)
+            start, stop, step = (sx.indices(size) if sx is not None
+                                 and all(isinstance(v, (int, type(None))) for v in (sx.start, sx.stop, sx.step))
+                                 else (None, None, None))
             if start == 0 and stop == size and step == 1:
                 dims.append(lay)
             elif lay is None:
@@ -261,14 +263,16 @@ def getitem_rule(ctx: RuleContext, node: fx.Node) -> Any:
             if maps is None:
                 ctx.freeze(lay, "select", "a single channel is selected")
             else:
-                dims = [None if l is None else tuple(tuple(maps[i].get(ctx.store.find(a), a) for a in b) for b in l) for l in dims]
+                dims = [None if lay is None else tuple(tuple(maps[i].get(ctx.store.find(a), a) for a in b) for b in lay)
+                        for lay in dims]
     if out_shape is None or len(out_shape) != len(dims):
         return no_rule(ctx, node)
     dims = [d if s != 1 else None for d, s in zip(dims, out_shape)]
     return TensorDims(tuple(out_shape), tuple(dims), td.live)
 
 
-def _strided(ctx: RuleContext, lay: Layout, size: int, start: Optional[int], stop: Optional[int], step: Optional[int]) -> Optional[Layout]:
+def _strided(ctx: RuleContext, lay: Layout, size: int, start: Optional[int], stop: Optional[int],
+             step: Optional[int]) -> Optional[Layout]:
     """``x[..., start::step]`` over channels: the dim is (groups, step) row-major and the slice
     keeps one member of every group (rotary embeddings pair channels 2i and 2i+1), so the output
     is indexed by the group axis; the ``step`` factor itself is frozen."""
@@ -320,7 +324,8 @@ def cat_rule(ctx: RuleContext, node: fx.Node) -> Any:
             dims.append(tuple(blocks))
         else:
             sized = [(t, lay) for t, lay in zip(tensors, lays) if t.shape[k] == shp[k] and shp[k] != 1]
-            sub = broadcast(ctx, [TensorDims((t.shape[k],), (lay,), t.live) for t, lay in sized], (shp[k],), "cat") if sized else None
+            sub = (broadcast(ctx, [TensorDims((t.shape[k],), (lay,), t.live) for t, lay in sized], (shp[k],), "cat")
+                   if sized else None)
             dims.append(sub.dims[0] if sub else None)
     return TensorDims(shp, tuple(dims), any(t.live for t in tensors))
 

@@ -49,7 +49,8 @@ def matmul_rule(ctx: RuleContext, node: fx.Node) -> Any:
     shp = ctx.out_shape()
     ctx.tie(a.dims[-1], b.dims[-2], "matmul")
     both_live = a.live and b.live
-    batch = broadcast(ctx, [TensorDims(a.shape[:-2], a.dims[:-2], a.live), TensorDims(b.shape[:-2], b.dims[:-2], b.live)], shp[:-2], "matmul batch")
+    batch = broadcast(ctx, [TensorDims(a.shape[:-2], a.dims[:-2], a.live), TensorDims(b.shape[:-2], b.dims[:-2], b.live)],
+                      shp[:-2], "matmul batch")
     if both_live:
         ctx.role(a.dims[-1], "qk")
         ctx.role(b.dims[-1], "v")

@@ -125,7 +125,8 @@ declare(*_ADDS, rule=pointwise, pointwise=True, residual_add=True, cost=ELTWISE)
 declare(*_FREE_POINTWISE, rule=pointwise, pointwise=True, cost=FREE)
 declare(nn.Hardshrink, F.hardshrink, rule=pointwise, pointwise=True, cost=ELTWISE)
 declare(F.softmax, F.log_softmax, "softmax", "log_softmax", nn.Softmax, nn.LogSoftmax, rule=softmax_rule, cost=ELTWISE)
-declare(torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like, "new_zeros", "new_ones", rule=like_rule, cost=ELTWISE)
+declare(torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like, torch.rand_like, torch.randn_like,
+        "new_zeros", "new_ones", rule=like_rule, cost=ELTWISE)
 declare("type_as", rule=type_as_rule, cost=FREE)
 # in place, to a constant: ``qkv_bias[n:2 * n].zero_()`` (Swin V2's key bias) ties and mixes nothing
 declare("zero_", "fill_", rule=pointwise, pointwise=True, cost=ELTWISE)

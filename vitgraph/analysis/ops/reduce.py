@@ -96,6 +96,6 @@ def scalar_rule(ctx: RuleContext, node: fx.Node) -> Any:
 # ---------------------------------------------------------------------------------------------
 # declarations
 
-declare("mean", torch.mean, "sum", torch.sum, "amax", torch.amax, "amin", "std", "var", "norm", "logsumexp", "max", "min", torch.max, torch.min,
-        torch.norm, torch.linalg.vector_norm, "nansum", rule=reduce_rule, cost=ELTWISE)
+declare("mean", torch.mean, "sum", torch.sum, "amax", torch.amax, "amin", "std", "var", "norm", "logsumexp", "max", "min",
+        torch.max, torch.min, torch.norm, torch.linalg.vector_norm, "nansum", rule=reduce_rule, cost=ELTWISE)
 declare(builtins.getattr, "size", "dim", "numel", builtins.len, math.sqrt, int, float, rule=scalar_rule, cost=FREE)
