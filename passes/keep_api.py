@@ -4,8 +4,8 @@ A compressed model is a GraphModule of ``forward``.  This pass gives it the rest
 input model offers, found by a rule rather than a list of names:
 
 * **methods**: every public method of the model's class (a class in its MRO that defines
-  ``forward``, so library mixins are left out) whose first parameter is a tensor and whose other
-  parameters have defaults: timm's ``forward_features``, ``forward_head``,
+  ``forward``, so library mixins are left out) whose first parameter is a tensor (annotated so,
+  or named as ``forward``'s) and whose other parameters have defaults: timm's ``forward_features``, ``forward_head``,
   ``forward_intermediates``, HF's ``get_image_features``.  Each is captured as its own graph
   (on the forward's inputs, or failing that on another method's output, as ``forward_head`` reads
   ``forward_features``), analysed with outputs (and, when chained, inputs) prunable, given the
@@ -134,25 +134,36 @@ def public_tensor_methods(model: nn.Module) -> list[str]:
     """Names of ``model``'s public methods that take one tensor (other parameters defaulted)."""
     names: list[str] = []
     taken = set(dir(fx.GraphModule))
+    inputs = _first_param_name(type(model).forward)
     for cls in type(model).__mro__:
         if cls is nn.Module or "forward" not in vars(cls):
             continue
         for name, fn in vars(cls).items():
             if name.startswith("_") or name in taken or name in names or not inspect.isfunction(fn):
                 continue
-            if getattr(fn, BOUND_MARK, False) or _takes_one_tensor(fn):
+            if getattr(fn, BOUND_MARK, False) or _takes_one_tensor(fn, inputs):
                 names.append(name)
     return names
 
 
-def _takes_one_tensor(fn: Any) -> bool:
+def _first_param_name(fn: Any) -> Optional[str]:
+    try:
+        params = list(inspect.signature(fn).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    return params[0].name if params else None
+
+
+def _takes_one_tensor(fn: Any, input_name: Optional[str]) -> bool:
+    """The first parameter is a tensor (annotated so, or named as ``forward``'s input, for
+    unannotated code) and every other one has a default."""
     try:
         params = list(inspect.signature(fn).parameters.values())[1:]
     except (TypeError, ValueError):
         return False
     if not params or params[0].kind not in _POSITIONAL:
         return False
-    if "Tensor" not in str(params[0].annotation):
+    if "Tensor" not in str(params[0].annotation) and params[0].name != input_name:
         return False
     variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     return all(p.default is not inspect.Parameter.empty or p.kind in variadic for p in params[1:])
@@ -225,6 +236,8 @@ def _transfer(analysis: Any, plan: Any, an: Any) -> Any:
         cands = {fg.id: fg for pd in g.params for fg in owners.get(pd, ()) if fg.size == g.size}
         if len(cands) > 1:
             cands = {i: fg for i, fg in cands.items() if fg.kind == g.kind} or cands
+        if len(cands) > 1:  # (heads before and after a talking-heads mix): the same parameter dims
+            cands = {i: fg for i, fg in cands.items() if set(fg.params) == set(g.params)} or cands
         if len(cands) > 1:
             raise VitgraphError(f"group {g.id} matches the forward's groups {sorted(cands)}")
         if not cands:
