@@ -115,7 +115,7 @@ def slim_models(method: str, dense, an, px, py, fraction: float, a, seed: int) -
         res = old.learn_thresholds(dense, an, EpochLoader(px, py, 64, seed=seed), target=1 - fraction,
                                    budget="flops", steps=100, log_every=0)
         sec = time.perf_counter() - t0
-        from vitgraph.score import Scores
+        from vitgraph.scoring import Scores
 
         s = Scores(dict(res.scores), "threshold", keep=dict(res.keep))
         widths = vitgraph.Plan.from_scores(an, s, ratio=None)

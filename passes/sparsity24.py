@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from vitgraph.analysis.ops import OPS
-from vitgraph.capture.targets import module_entry
+from vitgraph.capture.op_targets import module_entry
 from vitgraph.deploy.onnx24 import shape_skip_reason
 from vitgraph.errors import ArgumentError
 

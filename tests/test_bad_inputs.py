@@ -68,7 +68,7 @@ def test_bad_model_arg_names_the_argument(capsys):
 
 
 def test_scores_are_safetensors_and_a_pickle_is_refused(tmp_path):
-    from vitgraph.score import Scores, load_scores, save_scores
+    from vitgraph.scoring import Scores, load_scores, save_scores
 
     s = Scores({"a:ffn": torch.arange(4.0), "b:qk": torch.ones(2, 3)}, "magnitude", keep={"a:ffn": 2})
     save_scores(tmp_path / "s.safetensors", s, "abc")

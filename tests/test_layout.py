@@ -3,6 +3,7 @@ imports only the stages below it (as each subpackage's ``__init__`` docstring sa
 from __future__ import annotations
 
 import ast
+import inspect
 import pathlib
 import sys
 
@@ -107,3 +108,20 @@ def test_results_are_written_under_the_repository():
     from vitgraph.deploy.measure import REPO_ROOT
 
     assert (REPO_ROOT / "pyproject.toml").is_file() and (REPO_ROOT / "benchmarks").is_dir()
+
+
+def test_no_two_library_modules_share_a_file_name():
+    names = [p.name for base in ("vitgraph", "passes") for p in (ROOT / base).rglob("*.py") if p.name != "__init__.py"]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []
+
+
+def test_no_submodule_is_shadowed_by_a_function():
+    """``import vitgraph.x as m`` gives the module: no attribute of the package hides one."""
+    import importlib
+
+    import vitgraph
+
+    for mod in sorted(m for m in _modules() if m.count(".") == 1 and m.startswith("vitgraph.")):
+        name = mod.split(".")[1]
+        importlib.import_module(mod)
+        assert inspect.ismodule(getattr(vitgraph, name)), f"vitgraph.{name} is {getattr(vitgraph, name)!r}"

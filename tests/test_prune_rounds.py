@@ -14,9 +14,9 @@ from vitgraph.data import image_folder, make_transform, preprocessing
 from vitgraph.errors import VitgraphError
 from vitgraph.journal import STATE_DIR
 from vitgraph.models import load_model_and_source
-from vitgraph.prune import round_fractions
+from vitgraph.pipeline import round_fractions
 
-score_module = importlib.import_module("vitgraph.score")  # (vitgraph.score is also the function)
+score_module = importlib.import_module("vitgraph.scoring")
 MODEL = "vit_tiny_patch16_224"
 KWARGS = {"img_size": 16, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2, "num_classes": 2}
 

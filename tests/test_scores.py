@@ -170,7 +170,7 @@ def test_score_command_writes_scores_and_a_plan(setup, tmp_path):
                "--batch-size", "4", "--out", str(tmp_path / "s.safetensors"), "--plan", str(tmp_path / "plan.json"),
                "--target", "flops:0.85", "--round-to", "4"])
     assert rc == 0
-    from vitgraph.score import load_scores
+    from vitgraph.scoring import load_scores
 
     saved, fingerprint = load_scores(tmp_path / "s.safetensors")  # data, not a pickle
     assert saved.method == "hessian" and set(saved) == {g.id for g in an.groups if g.kind != "other"}

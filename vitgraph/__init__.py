@@ -15,8 +15,8 @@ from vitgraph.planning.plan import Plan
 from vitgraph.planning.planner import CostModel
 from vitgraph.targets import plan_to_target
 from vitgraph.analysis.ops import register_rule
-from vitgraph.score import Scores, score
-from vitgraph.prune import PruneResult, prune
+from vitgraph.scoring import Scores, score
+from vitgraph.pipeline import PruneResult, prune
 from vitgraph.verify import verify_compressed
 
 __all__ = [

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from vitgraph.analysis.engine import Analysis, analyze, check_model
+from vitgraph.analysis.engine import Analysis, analyze, require_module
 from vitgraph.gc_hold import holds_existing_objects
 from vitgraph.errors import PlanError, VitgraphError
 from vitgraph.planning.plan import Plan
@@ -31,7 +31,7 @@ def analysis_for(model: nn.Module, plan: Plan, analysis: Optional[Analysis] = No
     """The analysis of ``model`` the plan applies to (reused when the plan carries it)."""
     if not isinstance(plan, Plan):
         raise PlanError(f"expected a vitgraph.Plan, got {type(plan).__name__}")
-    check_model(model)
+    require_module(model)
     if analysis is not None and not isinstance(analysis, Analysis):
         raise PlanError(f"analysis must be a vitgraph.Analysis, got {type(analysis).__name__}")
     plan.check_fields()

@@ -127,7 +127,7 @@ def _score(a: argparse.Namespace) -> int:
         s = score(model, an, method, data=data, **opts)
     if rank() != 0:
         return 0
-    from vitgraph.score import save_scores
+    from vitgraph.scoring import save_scores
 
     save_scores(a.out, s, an.fingerprint)
     print(f"wrote scores of {len(s)} groups to {a.out}")
@@ -146,9 +146,9 @@ def _score(a: argparse.Namespace) -> int:
 
 def _data_method(method: str, model: torch.nn.Module, x: torch.Tensor, data: list) -> str:
     """The score method run on ``data`` for ``method`` (hessian gives way to kl on a model without class
-    logits or data without labels: :func:`vitgraph.score.method_for`), printing why when it differs."""
+    logits or data without labels: :func:`vitgraph.scoring.method_for`), printing why when it differs."""
     from vitgraph.passes.scoring_common import objective_of, split_batch
-    from vitgraph.score import method_for
+    from vitgraph.scoring import method_for
 
     with torch.no_grad():
         out = model(x)
@@ -316,7 +316,7 @@ def cmd_prune(a: argparse.Namespace) -> int:
 def _prune(a: argparse.Namespace) -> int:
     from vitgraph.data import image_folder, make_transform, preprocessing
     from vitgraph.distributed import rank
-    from vitgraph.prune import parse_target, prune
+    from vitgraph.pipeline import parse_target, prune
 
     parse_target(a.target, "--target")  # before any model is built
     if a.schedule == "oneshot" and a.steps != 1:

@@ -1,6 +1,6 @@
 """Plans to a target, closed on measured latency when asked: planning, compression and measurement.
 
-:func:`plan_to_target` is :func:`vitgraph.planning.planner.plan_to_target` (FLOPs, parameters or
+:func:`plan_to_target` is :func:`vitgraph.planning.planner.plan_widths` (FLOPs, parameters or
 latency predicted by a :class:`~vitgraph.planning.latency.LatencyTable`) plus ``calibrate=True``:
 the analysed model is compressed, measured against the dense model on the table's runtime, and
 the planning fraction corrected by secant steps.  It lives outside ``vitgraph.planning`` because
@@ -47,7 +47,7 @@ def plan_to_target(
 ) -> Plan:
     """A plan whose ``target`` cost is at most ``fraction`` of the dense model's.
 
-    The options are :func:`vitgraph.planning.planner.plan_to_target`'s.  With ``target="latency"``,
+    The options are :func:`vitgraph.planning.planner.plan_widths`'s.  With ``target="latency"``,
     ``calibrate=True`` compresses the analysed model, measures it against the dense model on the
     table's runtime and corrects the planning fraction by secant steps (at most
     ``calibrate_rounds`` measurements), returning the plan measured closest to the target (within
@@ -58,7 +58,7 @@ def plan_to_target(
     opts = dict(eta=eta, latency_table=latency_table, unit=unit, min_width=min_width, round_to=round_to,
                 kinds=kinds, mode=mode, normalize=normalize, batch_units=batch_units, align=align)
     if not (calibrate and target == "latency"):
-        return planner.plan_to_target(analysis, scores, target, fraction, history=history, **opts)
+        return planner.plan_widths(analysis, scores, target, fraction, history=history, **opts)
     args = planner.planning_args(analysis, scores, target, fraction, **opts)
     return _calibrated(analysis, fraction, args, calibrate_rounds, calibrate_tol, history)
 

@@ -205,7 +205,7 @@ def as_inputs(example_inputs: Union[torch.Tensor, Sequence[torch.Tensor]]) -> tu
     return tuple(example_inputs)
 
 
-def check_model(model: Any) -> None:
+def require_module(model: Any) -> None:
     """:class:`TraceError` unless ``model`` is an ``nn.Module`` (vitgraph traces modules)."""
     if not isinstance(model, nn.Module):
         what = f" {model.__qualname__!r}" if callable(model) and hasattr(model, "__qualname__") else ""
@@ -223,7 +223,7 @@ def analyze(model: nn.Module, example_inputs: Union[torch.Tensor, Sequence[torch
     extractor whose embedding width a new head will be trained on).  ``channel_inputs`` gives
     the inputs channels too, for a graph that reads another's activations (a ``forward_head``).
     """
-    check_model(model)
+    require_module(model)
     if not isinstance(prune_outputs, bool):
         raise TraceError(f"prune_outputs must be True or False, got {prune_outputs!r}")
     inputs = as_inputs(example_inputs)

@@ -16,7 +16,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from vitgraph.capture.targets import module_entry
+from vitgraph.capture.op_targets import module_entry
 from vitgraph.capture.tracer import keeps_side_effect
 
 LOWERINGS: dict[type, Callable[[fx.GraphModule, fx.Node, nn.Module], bool]] = {}

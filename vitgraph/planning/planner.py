@@ -3,7 +3,7 @@
 :class:`CostModel` prices a set of kept widths (one count per group) without running the model:
 FLOPs and parameters follow from the analysis' layouts of every compute node and parameter, and
 latency from a :class:`~vitgraph.planning.latency.LatencyTable` (sum over the compute nodes plus an
-element-wise part).  :func:`plan_to_target` removes units of channels until the cost reaches a
+element-wise part).  :func:`plan_widths` removes units of channels until the cost reaches a
 fraction of the dense model's (``vitgraph.targets`` closes the loop on measured latency).
 """
 from __future__ import annotations
@@ -380,7 +380,7 @@ def _as_np(t: Any) -> np.ndarray:
     return torch.as_tensor(t, dtype=torch.float64).detach().cpu().numpy()
 
 
-def plan_to_target(
+def plan_widths(
     analysis: "Analysis",
     scores: Optional[Mapping[str, Any]] = None,
     target: str = "flops",
@@ -432,7 +432,7 @@ def planning_args(analysis: "Analysis", scores: Optional[Mapping[str, Any]], tar
                   eta: float, latency_table: Optional["LatencyTable"], unit: Optional[Mapping[str, int]],
                   min_width: Optional[Mapping[str, int]], round_to: int, kinds: Optional[Sequence[str]], mode: str,
                   normalize: bool, batch_units: int, align: Optional[str] = None) -> dict:
-    """The checked arguments of :func:`plan_once` (everything but the fraction) for ``plan_to_target``'s options."""
+    """The checked arguments of :func:`plan_once` (everything but the fraction) for ``plan_widths``'s options."""
     if target not in TARGETS:
         raise PlanError(f"target must be one of {TARGETS}, got {target!r}")
     if not 0.0 < fraction <= 1.0:

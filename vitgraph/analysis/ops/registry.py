@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Union
 import torch.fx as fx
 from torch import nn
 
-from vitgraph.capture.targets import node_entry
+from vitgraph.capture.op_targets import node_entry
 from vitgraph.errors import ArgumentError
 
 Target = Union[Callable, str, type]

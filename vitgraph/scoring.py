@@ -1,4 +1,4 @@
-"""``vitgraph.score``: one entry point for the importance criteria.
+"""``vitgraph.scoring``: :func:`vitgraph.score`, one entry point for the importance criteria.
 
     scores = vitgraph.score(model, an, "hessian", data=loader)
     plan = vitgraph.Plan.from_scores(an, scores, ratio=0.5)

@@ -1,4 +1,5 @@
-"""``vitgraph.prune``: from a trained model and its data to a pruned, fine-tuned, reloadable result.
+"""``vitgraph.pipeline``: :func:`vitgraph.prune`, from a trained model and its data to a pruned,
+fine-tuned, reloadable result.
 
     result = vitgraph.prune(model, train_loader, val_loader, method="kl", target="flops:0.5",
                             finetune_epochs=2, out="out/pruned", source=source)
@@ -448,7 +449,7 @@ def _objective(model: nn.Module, x: torch.Tensor, proxy: list, objective: Option
     classifier's labels are checked against its outputs."""
     from vitgraph.passes.scoring_common import (OBJECTIVES, logits_of, objective_of, output_kind, output_tensors,
                                                 split_batch)
-    from vitgraph.score import method_for
+    from vitgraph.scoring import method_for
 
     with torch.no_grad():
         out = model(x)
@@ -558,7 +559,7 @@ class _Run:
         return slim
 
     def _scores(self, k: int, current: nn.Module, an: Any, rel: float) -> Any:
-        from vitgraph.score import Scores, score
+        from vitgraph.scoring import Scores, score
 
         step = f"round{k}.scores"
         if self.journal.get(step) is not None:
