@@ -17,8 +17,7 @@ second-order saliency are offered:
 * ``"batch"`` (NViT's code): the same with ``c_S`` the gradient of the *batch-mean* loss, squared
   per batch.  Near convergence the batch-mean gradient is a small mean plus noise, so its square
   over a few dozen batches is a noisy, mean-dominated estimate of the per-example second moment
-  that ``"fisher"`` averages over every example (issue 14: it ranked below the weight norm;
-  benchmarks/results/criteria.md compares the two).
+  that ``"fisher"`` averages over every example (benchmarks/results/criteria.md compares the two).
 * ``"hvp"`` (NViT's paper): ``E_z || (grad_g L(g + h z) - grad_g L(g)) / h ||^2_S`` with
   ``z ~ N(0, 1)``: the squared ``S`` entry of a finite-difference Hessian-vector product,
   averaged over ``probes`` draws.  ``1 + probes`` backward passes per batch.

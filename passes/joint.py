@@ -6,7 +6,8 @@ gates by ``delta = -1`` on ``R``, and the second-order change of the loss is
 ``1/2 delta^T F delta = 1/2 sum_{u, v in R} G_uv`` with ``G = sum_n c_n c_n^T`` the group's
 (empirical or output) Fisher block.  Units whose per-example gradients point the same way
 (redundant channels) compound; opposed ones cancel.  The diagonal form drops these cross terms,
-which is what made it rank below the weight norm on a converged model (issue 14).
+which is what made it rank below the weight norm on a converged model
+(benchmarks/results/criteria.md).
 
 :class:`FisherBlocks` accumulates ``G`` per group (one ``[dims, dims]`` block per head for per-head
 q/k and v groups, whose planner removes the same dims' count from every head).  :func:`greedy_scores`

@@ -21,8 +21,8 @@ budget not above the target (``calibrate``).
 
 Why not WDPruning's ``r = sigmoid(theta)``: the keep-all start sits where the sigmoid is flat
 (``r = 1 - 0.5 / N``, ``theta`` about 6.6 for N = 384), so the budget lags for the first ~100
-steps while the multipliers wind up, then falls far below the target (measured on the criteria
-benchmark's digits ViT, 100 steps toward 50% of the FLOPs: 0.17 of the FLOPs kept, 61% top-1).
+steps while the multipliers wind up, then falls far below the target
+(benchmarks/results/threshold_check.md).
 A threshold in keep-ratio units follows the scheduled target from the first step.
 """
 from __future__ import annotations

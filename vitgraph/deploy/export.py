@@ -2,10 +2,10 @@
 
 The form written by default is chosen by measurement (``benchmarks/export_forms.py``, results in
 ``benchmarks/results/export_forms.md``, onnxruntime CPU, batch 8): the TorchScript exporter at
-opset 17. It is tied with the fastest forms measured (dynamo at opset 20 and 23; the differences
-are within the noise of identical graphs) and written about 4x faster than any dynamo form (2 s
-against 8-13 s at ViT-S widths): the dynamo exporter's torch.export capture, decomposition (a
-retrace with symbolic shapes) and onnxscript optimisation took most of an export's time.
+opset 17. It runs as fast as the fastest forms measured and is written several times faster than
+any dynamo form (the figures are in that file): the dynamo exporter's torch.export capture,
+decomposition (a retrace with symbolic shapes) and onnxscript optimisation take most of an
+export's time.
 Why forms differ, read from the graph onnxruntime runs after its own optimisation at load:
 
 - dynamo at opset 17 and 18 writes GELU as ``Div, Erf, Add, Mul, Mul`` in an order onnxruntime's
@@ -17,7 +17,7 @@ Why forms differ, read from the graph onnxruntime runs after its own optimisatio
   scales q and k with two ``Mul``; dynamo at opset 23 writes the ONNX ``Attention`` op;
 - fusing the residual Add and LayerNorm into ``com.microsoft.SkipLayerNormalization``
   (onnxscript's onnxruntime fusions, onnxruntime's transformer optimizer) makes the CPU model
-  about 5-10% slower, so no contrib-op fusion is applied; onnxruntime's offline optimisation
+  slower, so no contrib-op fusion is applied; onnxruntime's offline optimisation
   written back to the file (BASIC or EXTENDED) and onnxscript's optimizer change nothing that
   onnxruntime does not already do when it loads the file.
 

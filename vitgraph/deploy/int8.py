@@ -2,10 +2,9 @@
 
 :func:`quantize_int8` writes QDQ int8 (per-channel int8 MatMul/Gemm/Conv weights, uint8
 activations: onnxruntime's U8S8 kernels on x86) calibrated on the given batches; MatMuls between two
-activations (attention's q @ k^T and attn @ v) stay float.  Measured on a small ViT on a 2-core
-AVX512-VNNI CPU, int8 activations and quantized attention MatMuls made the int8 file 0.7-0.9x as
-fast as fp32; this form runs 0.95-1.2x at batch 1 and 1.0-1.3x at batch 64, at the same top-1
-(benchmarks/results/prune_pipeline.md); :func:`evaluate_onnx` is the top-1 of an ONNX file
+activations (attention's q @ k^T and attn @ v) stay float: on the CPUs measured, int8
+activations and quantized attention MatMuls made the file slower than fp32, while this form is
+as fast or faster at the same top-1 (benchmarks/results/prune_pipeline.md has the figures); :func:`evaluate_onnx` is the top-1 of an ONNX file
 in onnxruntime; :func:`int8_speedup` times both files interleaved at batch 1.
 """
 from __future__ import annotations
