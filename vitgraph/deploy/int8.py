@@ -4,8 +4,8 @@
 activations: onnxruntime's U8S8 kernels on x86) calibrated on the given batches; MatMuls between two
 activations (attention's q @ k^T and attn @ v) stay float: on the CPUs measured, int8
 activations and quantized attention MatMuls made the file slower than fp32, while this form is
-as fast or faster at the same top-1 (benchmarks/results/prune_pipeline.md has the figures); :func:`evaluate_onnx` is the top-1 of an ONNX file
-in onnxruntime; :func:`int8_speedup` times both files interleaved at batch 1.
+as fast or faster at the same top-1 (benchmarks/results/prune_pipeline.md has the figures).
+:func:`evaluate_onnx` is the top-1 of an ONNX file in onnxruntime; :func:`int8_speedup` times both files interleaved at batch 1.
 """
 from __future__ import annotations
 
