@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DEFAULT_KINDS = BLOCK_KINDS
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +239,7 @@ def learn_thresholds(
     loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
     target: float = 0.5,
     budget: str = "params",
-    kinds: Sequence[str] = DEFAULT_KINDS,
+    kinds: Sequence[str] = BLOCK_KINDS,
     steps: Optional[int] = 300,
     lr: float = 0.05,
     theta_lr: float = 0.01,

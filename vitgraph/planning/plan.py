@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from vitgraph.analysis.engine import Analysis, ChannelGroup
 
 Keep = Union[list[int], list[list[int]]]
-DEFAULT_KINDS = PRUNABLE_KINDS
 PLAN_VERSION = 1  # the "vitgraph_plan" field of the JSON form; newer versions are refused
 _FIELDS = ("vitgraph_plan", "fingerprint", "input_shapes", "input_dtypes", "kept", "prune_outputs")
 
@@ -139,7 +138,7 @@ class Plan:
                 if not _is_int(k):
                     raise PlanError(f"scores.keep[{gid!r}] must be an integer count, got {type(k).__name__} {k!r}")
             kinds = _check_kinds(kinds, tuple(dict.fromkeys(analysis.group(gid).kind for gid in learned)))
-        kinds = _check_kinds(kinds, DEFAULT_KINDS)
+        kinds = _check_kinds(kinds, PRUNABLE_KINDS)
         scores = dict(scores or {})
         missing = [g.id for g in analysis.groups if g.kind in kinds and scores.get(g.id) is None]
         if missing:

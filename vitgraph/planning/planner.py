@@ -17,12 +17,12 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from vitgraph.analysis.kinds import unknown_kinds
+from vitgraph.analysis.kinds import PRUNABLE_KINDS, unknown_kinds
 from vitgraph.analysis.context import META_KEY, TensorDims
 from vitgraph.analysis.ops.registry import lookup_op
 from vitgraph.errors import PlanError
 from vitgraph.planning import align as _align
-from vitgraph.planning.plan import DEFAULT_KINDS, Plan
+from vitgraph.planning.plan import Plan
 
 if TYPE_CHECKING:
     from vitgraph.analysis.engine import Analysis, ChannelGroup
@@ -444,7 +444,7 @@ def planning_args(analysis: "Analysis", scores: Optional[Mapping[str, Any]], tar
     if target == "latency" and latency_table is None:
         raise PlanError("target='latency' needs a latency_table (vitgraph.LatencyTable)")
     _align.check_align(align)
-    kinds = tuple(kinds) if kinds is not None else DEFAULT_KINDS
+    kinds = tuple(kinds) if kinds is not None else PRUNABLE_KINDS
     bad = unknown_kinds(kinds)
     if bad:
         raise PlanError(f"unknown group kinds {bad}")
