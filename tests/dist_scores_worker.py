@@ -9,8 +9,8 @@ import vitgraph
 from vitgraph.distributed import init_from_env, rank, shutdown
 from vitgraph.passes.recovery import finetune
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from conftest import score_setup  # noqa: E402
+sys.path.insert(0, __file__.rsplit("/", 1)[0])  # tests/, for helpers.py
+from helpers import score_setup  # noqa: E402
 
 
 def main(out: str) -> None:

@@ -6,8 +6,8 @@ import torch
 
 from vitgraph.distributed import init_from_env, rank, shutdown
 
-sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from test_training import train_all  # noqa: E402
+sys.path.insert(0, __file__.rsplit("/", 1)[0])  # tests/, for helpers.py
+from helpers import train_all  # noqa: E402
 
 
 def main(out: str) -> None:

@@ -13,7 +13,8 @@ from torch.overrides import TorchFunctionMode
 import vitgraph
 from vitgraph import CostModel, PlanError, plan_to_target
 from vitgraph.planning.align import attention_pairs, kernel_violations
-from conftest import FlopTable
+
+from helpers import FlopTable
 
 TOL = 0.02
 

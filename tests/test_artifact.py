@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import vitgraph
-from conftest import random_plan, rel_err
 from vitgraph.artifact import Source, load, nested, save
 from vitgraph.models import load_model_and_source
+
+from helpers import random_plan, rel_err
 
 TINY = Source("timm", "vit_tiny_patch16_224",
               {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3, "num_classes": 10}, (3, 32, 32))

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import vitgraph
-from conftest import random_plan
 from vitgraph.artifact import Source, load, save
+
+from helpers import random_plan
 
 TINY = Source("timm", "vit_tiny_patch16_224",
               {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 48, "num_heads": 3, "num_classes": 10}, (3, 32, 32))

@@ -11,7 +11,7 @@ from torch.utils import _pytree as pytree
 import vitgraph
 from vitgraph.capture.trace import FRONT_ENDS
 
-from conftest import rel_err
+from helpers import rel_err
 
 
 class Block(nn.Module):

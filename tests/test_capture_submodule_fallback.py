@@ -10,7 +10,7 @@ from torch import nn
 
 import vitgraph
 
-from test_op_rules import C, assert_exact, build, inputs, only
+from helpers import C, assert_exact, build, inputs, only
 
 
 @torch.fx.wrap

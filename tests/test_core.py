@@ -10,7 +10,7 @@ import torch
 import vitgraph
 from vitgraph.deploy.measure import count_flops, count_params
 
-from conftest import random_plan, rel_err, tiny_vit
+from helpers import random_plan, rel_err, tiny_vit
 
 
 def test_groups_of_a_vit(x32):

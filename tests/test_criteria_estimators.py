@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 import vitgraph
 from vitgraph.passes.scoring_common import spearman
-from conftest import score_setup
+
+from helpers import score_setup, trained_tiny
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +38,15 @@ def test_fisher_is_the_sum_of_per_example_squared_gate_gradients(setup):
 
 
 def test_batch_mode_is_the_squared_batch_mean_gate_gradient(setup):
+    """NViT's batch form: per unit, (sum of w * dL/dw over the unit's weights and bias)^2 of the
+    batch-mean loss; per-head groups score every head apart."""
     model, an, data = setup
     s = vitgraph.score(model, an, "hessian", data=data[:1], mode="batch")
     x, y = data[0]
     torch.testing.assert_close(s["blocks.1.mlp:ffn"].double(), _ffn_gate_grad(model, x, y) ** 2, rtol=1e-4, atol=1e-12)
+    torch.testing.assert_close(s["blocks.0.mlp:ffn"].double(), _ffn_gate_grad(model, x, y, block=0) ** 2,
+                               rtol=1e-4, atol=1e-12)
+    assert s["blocks.0.attn:qk"].shape == (2, 12) and s["blocks.0.attn:head"].shape == (2,)
 
 
 def test_fisher_divides_by_the_kind_factor_before_squaring(setup):
@@ -67,30 +73,10 @@ def test_fisher_takes_a_loss_per_example_and_refuses_untensored_targets(setup):
         vitgraph.score(model, an, "hessian", data=data, chunk=0)
 
 
-def _trained_tiny(steps: int = 150):
-    """A tiny ViT trained to fit a small labelled set (gradients near zero at the end)."""
-    from conftest import tiny_vit
-
-    torch.manual_seed(0)
-    model = tiny_vit(depth=2, embed_dim=24, num_heads=2, mlp_ratio=4.0, img_size=16, patch_size=4).train()
-    g = torch.Generator().manual_seed(3)
-    proto = torch.randn(10, 3, 16, 16, generator=g)
-    y = torch.randint(0, 10, (256,), generator=g)
-    x = proto[y] + 0.8 * torch.randn(256, 3, 16, 16, generator=g)
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for step in range(steps):
-        i = torch.arange(step * 32, step * 32 + 32) % 256
-        loss = F.cross_entropy(model(x[i]), y[i])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model.eval(), x, y
-
-
 def test_fisher_orders_units_like_the_loss_increase_of_removing_them():
     """On a fitted model, the per-example Fisher's diagonal ranks FFN channels like the measured loss
     increase when each is removed alone."""
-    model, x, y = _trained_tiny()
+    model, x, y = trained_tiny()
     an = vitgraph.analyze(model, x[:1])
     data = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)]
     gid = "blocks.1.mlp:ffn"

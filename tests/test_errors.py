@@ -7,7 +7,7 @@ from torch import nn
 
 import vitgraph
 
-from conftest import tiny_vit
+from helpers import tiny_vit
 
 
 class DataDependent(nn.Module):
@@ -83,20 +83,6 @@ def test_bad_ratio_and_kinds(an):
         vitgraph.Plan.from_scores(an, kinds=["bogus"])
     with pytest.raises(vitgraph.PlanError, match="not a vitgraph plan"):
         vitgraph.Plan.from_json("{}")
-
-
-def test_op_without_rule_freezes_and_reports():
-    class Odd(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
-
-        def forward(self, x):
-            return self.b(torch.cummax(self.a(x), dim=-1).values)
-
-    an = vitgraph.analyze(Odd(), torch.randn(2, 8))
-    assert not [g for g in an.groups if g.size == 16]
-    assert any("no rule" in f.reason and "cummax" in f.reason for f in an.frozen)
 
 
 # -- hardening: bad input of every kind gets a vitgraph error naming the field, argument or group

@@ -19,7 +19,7 @@ from vitgraph.capture.tracer import VALUE_KEY
 from vitgraph.planning.magnitude import _sq_norms_of_dims, slice_sq_norms
 from vitgraph.analysis.ops.rewriting import slice_kept
 
-from conftest import tiny_vit
+from helpers import tiny_vit
 
 
 def _metas(an: vitgraph.Analysis) -> list:

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import vitgraph
-from conftest import NO_UNPICKLING, run_fresh
 from vitgraph.cli import main
 from vitgraph.passes.scoring_common import (feature_cosines, feature_errors, feature_loss, logits_of, output_divergence,
                                             output_kind)
+
+from helpers import NO_UNPICKLING, run_fresh
 
 HF_CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
                  patch_size=8, num_labels=2)

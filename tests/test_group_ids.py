@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 import vitgraph
-from conftest import tiny_vit
+
+from helpers import tiny_vit
 
 
 class _Attn(nn.Module):

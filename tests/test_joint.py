@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import vitgraph
 from vitgraph.passes.gates import GateSet
 from vitgraph.passes.joint import FisherBlocks, greedy_scores
-from conftest import score_setup
+
+from helpers import score_setup, trained_tiny
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +106,7 @@ def test_kl_joint_scores_have_the_diagonal_shapes_and_first_choices(setup):
 
 def test_joint_ranking_removes_value_dims_at_lower_loss_than_the_diagonal():
     """On a fitted tiny ViT, the v dims the joint form removes cost less loss than the diagonal's."""
-    from test_criteria_estimators import _trained_tiny
-
-    model, x, y = _trained_tiny()
+    model, x, y = trained_tiny()
     an = vitgraph.analyze(model, x[:1])
     data = [(x[i:i + 32], y[i:i + 32]) for i in range(0, 256, 32)]
     for ratio in (0.5, 0.75):

@@ -13,7 +13,7 @@ import vitgraph
 from vitgraph.artifact import Source
 from vitgraph.passes.keep_api import public_tensor_methods
 
-from conftest import random_plan, rel_err, tiny_vit
+from helpers import random_plan, rel_err, tiny_vit
 
 BLOCK_KINDS = ("qk", "v", "head", "ffn")  # masking is exact for these
 

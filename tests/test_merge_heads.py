@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import vitgraph
-from conftest import rel_err, tiny_vit
+
+from helpers import rel_err, tiny_vit
 
 
 def _reference(model: torch.nn.Module, heads: int, head_dim: int, scale_dim: int) -> torch.nn.Module:

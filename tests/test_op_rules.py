@@ -1,7 +1,7 @@
 """Op rules on small synthetic models, one pattern each.
 
 Every model maps tokens ``[B, N, CIN]`` through ``embed`` to a residual stream, runs one block
-that uses the pattern under test, and ends in a ``head`` Linear.  Each test checks
+that uses the pattern under test, and ends in a ``head`` Linear (``helpers.Net``).  Each test checks
 
 * the groups the analysis finds (kinds and sizes), or what it freezes and why, and
 * that compressing equals masking (max relative error <= 1e-5) for random keep-sets of the
@@ -20,92 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import vitgraph
-from vitgraph.deploy.measure import count_params
 
-from conftest import rel_err
-
-B, N, CIN, C, H, NCLS = 2, 9, 8, 32, 4, 5
-D = C // H  # head dim
-INNER = ("qk", "v", "head", "ffn")
-
-
-# ---------------------------------------------------------------------------------------------
-# helpers
-
-
-class Net(nn.Module):
-    """``embed -> block -> mean over tokens -> head``."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.embed = nn.Linear(CIN, C)
-        self.block = block
-        self.head = nn.Linear(C, NCLS)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.block(self.embed(x)).mean(1))
-
-
-def build(block_cls: type, *args, **kw) -> nn.Module:
-    """A seeded ``Net`` around ``block_cls(*args, **kw)``; parameters are all random."""
-    torch.manual_seed(0)
-    net = Net(block_cls(*args, **kw))
-    with torch.no_grad():  # zero-initialised parameters (biases, scales) become random too
-        for p in net.parameters():
-            if p.abs().max() == 0 or (p == 1).all():
-                p.copy_(torch.randn_like(p) * 0.5)
-    return net.eval()
-
-
-def inputs(batch: int = B) -> torch.Tensor:
-    """Seeded tokens ``[batch, N, CIN]``."""
-    torch.manual_seed(1)
-    return torch.randn(batch, N, CIN)
-
-
-def kinds_and_sizes(an: vitgraph.Analysis) -> list[tuple[str, int]]:
-    """Sorted (kind, size) of every group."""
-    return sorted((g.kind, g.size) for g in an.groups)
-
-
-def only(an: vitgraph.Analysis, kind: str) -> vitgraph.ChannelGroup:
-    """The one group of ``kind`` (fails if there are none or several)."""
-    gs = [g for g in an.groups if g.kind == kind]
-    assert len(gs) == 1, f"expected one {kind} group, got {[str(g) for g in gs]}\n{an}"
-    return gs[0]
-
-
-def assert_exact(m: nn.Module, an: vitgraph.Analysis, seeds=range(4)) -> None:
-    """Identity plan exact; random keep-sets of the inner, non-normalised groups: compress == mask."""
-    x = inputs()
-    with torch.no_grad():
-        ref = m(x)
-        ident = vitgraph.compress(m, vitgraph.Plan.keep_all(an), an)(x)
-    assert ident.shape == ref.shape
-    assert rel_err(ident, ref) <= 1e-6
-    ids = [g.id for g in an.groups if g.kind in INNER and not g.normalized]
-    assert ids, f"no prunable inner groups\n{an}"
-    for seed in seeds:
-        plan = vitgraph.Plan.random(an, 0.5, kinds=INNER, seed=seed)
-        plan.kept = {gid: k for gid, k in plan.kept.items() if gid in ids}
-        slim, masked = vitgraph.compress(m, plan, an), vitgraph.mask(m, plan, an)
-        with torch.no_grad():
-            out, want = slim(x), masked(x)
-        assert out.shape == ref.shape
-        assert rel_err(out, want) <= 1e-5, f"seed {seed}: plan {plan.kept}"
-        assert count_params(slim) < count_params(m)
-
-
-def split_heads(t: torch.Tensor) -> torch.Tensor:
-    """``[B, N, C] -> [B, H, N, D]``."""
-    b, n, _ = t.shape
-    return t.reshape(b, n, H, D).transpose(1, 2)
-
-
-def merge_heads(t: torch.Tensor) -> torch.Tensor:
-    """``[B, H, N, Dv] -> [B, N, H * Dv]``."""
-    b, h, n, d = t.shape
-    return t.transpose(1, 2).reshape(b, n, h * d)
+from helpers import (B, C, D, H, INNER, N, NCLS, Net, SeparateQKV, assert_exact, build, inputs, kinds_and_sizes, merge_heads,
+                     only, rel_err, rotate_pairs, split_heads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,11 +89,6 @@ def rope_tables() -> tuple[torch.Tensor, torch.Tensor]:
     ang = torch.arange(N).float()[:, None] * inv[None, :]
     ang = ang.repeat_interleave(2, -1)
     return ang.sin(), ang.cos()
-
-
-def rotate_pairs(x: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) by 90 degrees."""
-    return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
 
 
 class RopeAttention(nn.Module):
@@ -298,32 +210,7 @@ def test_cosine_attention_marks_qk_normalized():
 
 
 # ---------------------------------------------------------------------------------------------
-# 5. separate q / k / v projections with explicit softmax attention
-
-
-class SeparateQKV(nn.Module):
-    """``softmax(q @ k^T * scale) @ v`` with three Linear projections.
-
-    ``heads`` x ``dim`` q/k channels, ``heads`` x ``dim_v`` v channels; ``kt`` picks how k is
-    transposed: ``"transpose"`` (``k.transpose(-2, -1)``) or ``"mT"`` (``k.mT``).
-    """
-
-    def __init__(self, heads: int = H, dim: int = D, dim_v: int = D, kt: str = "transpose") -> None:
-        super().__init__()
-        self.heads, self.dim, self.dim_v, self.kt = heads, dim, dim_v, kt
-        self.q, self.k = nn.Linear(C, heads * dim), nn.Linear(C, heads * dim)
-        self.v = nn.Linear(C, heads * dim_v)
-        self.proj = nn.Linear(heads * dim_v, C)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        q = self.q(x).reshape(b, n, self.heads, self.dim).transpose(1, 2)
-        k = self.k(x).reshape(b, n, self.heads, self.dim).transpose(1, 2)
-        v = self.v(x).reshape(b, n, self.heads, self.dim_v).transpose(1, 2)
-        attn = (q @ (k.mT if self.kt == "mT" else k.transpose(-2, -1))) * self.dim ** -0.5
-        return x + self.proj(merge_heads(attn.softmax(dim=-1) @ v))
-
-
+# 5. separate q / k / v projections with explicit softmax attention (``helpers.SeparateQKV``)
 
 
 @pytest.mark.parametrize("heads, dim, dim_v, kt", [
@@ -492,31 +379,40 @@ torch.fx.wrap("reverse_channels")
 
 
 class UnruledMLP(nn.Module):
-    """MLP whose hidden activation goes through ``reverse_channels``; a second, plain MLP."""
+    """MLP whose hidden activation goes through an op without a rule; a second, plain MLP.
 
-    def __init__(self) -> None:
+    ``op`` is ``"reverse_channels"`` (a wrapped user function) or ``"cummax"`` (a torch op the
+    registry has no rule for: ``torch.cummax(h, dim=-1).values``).
+    """
+
+    def __init__(self, op: str) -> None:
         super().__init__()
+        self.op = op
         self.fc1, self.fc2 = nn.Linear(C, 24), nn.Linear(24, C)
         self.fc3, self.fc4 = nn.Linear(C, 16), nn.Linear(16, C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc2(reverse_channels(F.gelu(self.fc1(x))))
-        return x + h + self.fc4(F.gelu(self.fc3(x)))
+        h = F.gelu(self.fc1(x))
+        h = reverse_channels(h) if self.op == "reverse_channels" else torch.cummax(h, dim=-1).values
+        return x + self.fc2(h) + self.fc4(F.gelu(self.fc3(x)))
 
 
-def test_op_without_rule_freezes_and_reports():
-    """The wrapped call is a graph node without a rule: its channels freeze with that reason."""
-    m = build(UnruledMLP)
+@pytest.mark.parametrize("op, target", [("reverse_channels", reverse_channels), ("cummax", torch.cummax)])
+def test_op_without_rule_freezes_and_reports(op, target):
+    """The call is a graph node without a rule: its channels freeze with that reason, named in
+    the analysis' reports, and the rest of the model stays prunable."""
+    m = build(UnruledMLP, op)
     an = vitgraph.analyze(m, inputs(1))
     gm_targets = [n.target for n in an.graph_module.graph.nodes if n.op == "call_function"]
-    assert reverse_channels in gm_targets  # traced as one opaque call
-    assert any("reverse_channels" in what for _, what in an.unruled), an.unruled
-    frozen = [f for f in an.frozen if "reverse_channels" in f.reason]
+    assert target in gm_targets  # traced as one opaque call
+    assert any(op in what for _, what in an.unruled), an.unruled
+    frozen = [f for f in an.frozen if op in f.reason]
     assert [f.size for f in frozen] == [24], an.explain_frozen()
     assert "block.fc1.weight" in frozen[0].where and "no rule" in frozen[0].reason
-    assert "reverse_channels" in an.explain_frozen() and "reverse_channels" in an.summary()
+    assert op in an.explain_frozen() and op in an.summary()
     # the untouched MLP and the residual stay prunable; the frozen hidden layer is no group
     assert kinds_and_sizes(an) == [("ffn", 16), ("residual", C)], str(an)
+    assert not [g for g in an.groups if g.size == 24]
     assert all(("block.fc1.weight", 0) not in g.params for g in an.groups)
     assert_exact(m, an)
 

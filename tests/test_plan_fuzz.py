@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import vitgraph
 
-from conftest import tiny_vit
+from helpers import tiny_vit
 
 FIELDS = ("vitgraph_plan", "fingerprint", "input_shapes", "input_dtypes", "kept")
 X = torch.randn(2, 3, 32, 32)

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 import vitgraph
-from vitgraph import CostModel, LatencyTable, PlanError, plan_to_target
+from vitgraph import CostModel, LatencyTable, PlanError, UnknownGroupError, plan_to_target
 from vitgraph.deploy.export import onnx_op_types
 from vitgraph.deploy.measure import count_flops, count_params
 
-from conftest import FlopTable, tiny_vit
+from helpers import FlopTable, tiny_vit
 
 KINDS = ("residual", "head", "qk", "v", "ffn")
 
@@ -135,16 +135,28 @@ def test_lut_interpolation_synthetic():
 
 
 def test_lut_cache_round_trip(tmp_path):
-    t = FlopTable()
-    t.path = tmp_path / "t.json"
-    v = t.lookup("linear", (197, 100, 300), (False, True, True))
-    t.save()
-    again = LatencyTable("torch-cpu", entries=None, cache_dir=tmp_path, measure=False)
-    again.path = tmp_path / "t.json"
-    import json
+    """Measured points are written to the cache file and a new table for the same runtime and batch
+    reads them back in its constructor; a corrupt file is ignored (an empty table, nothing raised)."""
+    written = FlopTable(cache_dir=tmp_path)  # measures with a FLOP formula instead of timing
+    assert written.path.parent == tmp_path and not written.path.exists()
+    v = written.lookup("linear", (197, 100, 300), (False, True, True))
+    assert written.n_measured >= 2 and written.save() == written.path and written.path.exists()
 
-    again.entries = json.loads(again.path.read_text())["entries"]
-    assert again.lookup("linear", (197, 100, 300), (False, True, True)) == pytest.approx(v)
+    # a plain table (it cannot measure) finds the same file and has every point from it
+    read = LatencyTable("torch-cpu", cache_dir=tmp_path, measure=False)
+    assert read.path == written.path and read.n_measured == 0
+    assert read.entries == written.entries
+    assert read.lookup("linear", (197, 100, 300), (False, True, True)) == pytest.approx(v)
+    with pytest.raises(UnknownGroupError, match="measuring is off"):
+        read.lookup("linear", (197, 100, 500), (False, True, True))  # a point the file does not hold
+
+    # another batch size is another file
+    assert LatencyTable("torch-cpu", batch=2, cache_dir=tmp_path, measure=False).entries == {}
+
+    written.path.write_text('{"entries": {"linear:197,96,256": 1.0')  # truncated JSON
+    assert LatencyTable("torch-cpu", cache_dir=tmp_path, measure=False).entries == {}
+    written.path.write_text('{"runtime": "torch-cpu"}')  # no entries
+    assert LatencyTable("torch-cpu", cache_dir=tmp_path, measure=False).entries == {}
 
 
 @pytest.mark.parametrize("mode", ["global", "uniform"])

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 import vitgraph
 
-from conftest import random_plan, rel_err
+from helpers import random_plan, rel_err
 
 
 @st.composite

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import vitgraph
-from conftest import NO_UNPICKLING, random_plan, rel_err, run_fresh
 from vitgraph.cli import main
 from vitgraph.models import load_model_and_source
+
+from helpers import NO_UNPICKLING, random_plan, rel_err, run_fresh
 
 ARGS = ["--model-arg", "img_size=16", "--model-arg", "patch_size=8", "--model-arg", "depth=2",
         "--model-arg", "embed_dim=64", "--model-arg", "num_heads=2", "--model-arg", "num_classes=2"]

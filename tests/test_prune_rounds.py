@@ -9,12 +9,13 @@ import torch
 
 import vitgraph
 import vitgraph.passes.recovery as recovery
-from conftest import rel_err
 from vitgraph.data import image_folder, make_transform, preprocessing
 from vitgraph.errors import VitgraphError
 from vitgraph.journal import STATE_DIR
 from vitgraph.models import load_model_and_source
 from vitgraph.pipeline import round_fractions
+
+from helpers import rel_err, tiny_vit
 
 score_module = importlib.import_module("vitgraph.scoring")
 MODEL = "vit_tiny_patch16_224"
@@ -115,8 +116,6 @@ def test_schedule_arguments_are_checked(folders):
 
 
 def test_amp_finetunes_under_bfloat16_autocast():
-    from conftest import tiny_vit
-
     torch.manual_seed(0)
     model = tiny_vit()
     seen = []

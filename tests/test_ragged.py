@@ -8,7 +8,7 @@ from torch import nn
 
 import vitgraph
 
-from conftest import random_plan, rel_err
+from helpers import random_plan, rel_err
 
 
 class QKVAttention(nn.Module):

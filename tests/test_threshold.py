@@ -13,7 +13,7 @@ from vitgraph.deploy.measure import count_flops, count_params
 from vitgraph.passes.depth import add_exits, drop_blocks, residual_blocks, train_exits, truncate
 from vitgraph.passes.threshold import _Gate, _mask, budget_of, learn_thresholds
 
-from conftest import rel_err, tiny_vit
+from helpers import rel_err, tiny_vit
 
 KINDS = ("head", "qk", "v", "ffn")
 

@@ -13,50 +13,12 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import vitgraph
-from vitgraph.passes.depth import add_exits, train_exits
 from vitgraph.passes.recovery import MaskKeeper, finetune
-from vitgraph.passes.threshold import learn_thresholds
 from vitgraph.passes.training import fit, rank_loader
 
+from helpers import examples, tiny_vit, train_all
+
 HERE = Path(__file__).resolve().parent
-
-
-def examples(n: int = 16):
-    g = torch.Generator().manual_seed(2)
-    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
-
-
-def train_all(batch_size: int) -> dict:
-    """Fine-tune (masked), learn thresholds (with weights) and train exits for two steps each.
-
-    One process with ``batch_size=8`` and two ranks with ``batch_size=4`` see the same examples
-    in every step, so data parallelism must give the same weights.
-    """
-    from conftest import tiny_vit
-
-    # no q/k/v bias: the key bias has no effect on the output, so its gradient is rounding noise
-    # that Adam scales up to a full step, differently in every summation order
-    model = tiny_vit(depth=2, embed_dim=24, num_heads=2, mlp_ratio=2.0, qkv_bias=False)
-    x, y = examples()
-    an = vitgraph.analyze(model, x[:1])
-    batches = [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(x), batch_size)]
-    out = {}
-    plan = vitgraph.Plan.random(an, 0.5, kinds=("ffn", "qk", "v", "head"), seed=3)
-    student = vitgraph.mask(model, plan, an)
-    log = finetune(student, batches, teacher=model, loss="upvit", lr=1e-3, keeper=MaskKeeper(student, an, plan),
-                   log_every=0)
-    out["finetune"] = {k: v.detach().clone() for k, v in student.state_dict().items()}
-    out["finetune_steps"] = log.steps
-    res = learn_thresholds(model, an, batches, target=0.6, steps=2, lr=0.05, train_weights=True, weight_lr=1e-3,
-                           log_every=0)
-    out["thresholds"] = {**{f"scores.{k}": v for k, v in res.scores.items()}, **res.weights}
-    out["thresholds_keep"] = res.keep
-    torch.manual_seed(5)
-    em = add_exits(model, an, ["blocks.0"], num_classes=10)
-    loader = DataLoader(TensorDataset(x, y), batch_size=batch_size)  # examples shared out, not batches
-    out["exits_steps"] = len(train_exits(em, loader, steps=2, lr=1e-2, log_every=0))
-    out["exits"] = {k: v.detach().clone() for k, v in em.heads[0].state_dict().items()}
-    return out
 
 
 def test_two_processes_train_like_one_on_the_whole_batch(tmp_path):
@@ -105,8 +67,6 @@ def test_fit_runs_epochs_steps_and_stops_when_data_runs_dry():
 
 
 def test_mask_keeper_parametrizes_only_while_active():
-    from conftest import tiny_vit
-
     model = tiny_vit(depth=1, embed_dim=24, num_heads=2, mlp_ratio=2.0)
     an = vitgraph.analyze(model, torch.randn(1, 3, 32, 32))
     plan = vitgraph.Plan.random(an, 0.5, kinds=("ffn",), seed=1)

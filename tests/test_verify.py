@@ -10,7 +10,7 @@ from torch import nn
 import vitgraph
 from vitgraph.analysis.ops import reduce as reduce_ops
 
-from test_op_rules import C, CIN, NCLS, inputs
+from helpers import C, CIN, NCLS, SeparateQKV, build, inputs
 
 
 class StateMixer(nn.Module):
@@ -40,7 +40,6 @@ def _setup():
 
 def test_verify_passes_a_correct_compression():
     torch.manual_seed(0)
-    from test_op_rules import SeparateQKV, build
     m = build(SeparateQKV)
     an = vitgraph.analyze(m, inputs())
     plan = vitgraph.Plan.random(an, 0.5, seed=0)  # residual too: checked on the exact groups

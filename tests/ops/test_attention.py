@@ -11,7 +11,7 @@ from torch import nn
 
 import vitgraph
 
-from test_op_rules import C, H, assert_exact, build, inputs, kinds_and_sizes, only
+from helpers import C, H, assert_exact, build, inputs, kinds_and_sizes, only
 
 
 class TorchvisionCosineAttention(nn.Module):

@@ -7,7 +7,7 @@ from torch import nn
 
 import vitgraph
 
-from test_op_rules import C, Net, assert_exact, inputs, only
+from helpers import C, Net, assert_exact, inputs, only
 
 
 class EmptyRegisterTokens(nn.Module):

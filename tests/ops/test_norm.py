@@ -8,7 +8,7 @@ from torch import nn
 
 import vitgraph
 
-from test_op_rules import B, C, NCLS, build, inputs, kinds_and_sizes, only
+from helpers import B, C, NCLS, build, inputs, kinds_and_sizes, only
 
 
 class GRNMLP(nn.Module):

@@ -9,7 +9,7 @@ from torch import nn
 import vitgraph
 from vitgraph.analysis.ops import OPS
 
-from test_op_rules import C, assert_exact, build, inputs, only
+from helpers import C, assert_exact, build, inputs, only
 
 
 class Mlp(nn.Module):

@@ -12,8 +12,7 @@ from torch import nn
 import vitgraph
 from vitgraph.passes.exactness import output_leaves as _leaves
 
-from conftest import rel_err
-from test_op_rules import C, CIN, NCLS, assert_exact, build, inputs, only
+from helpers import C, CIN, NCLS, assert_exact, build, inputs, only, rel_err
 
 S = 8  # state width of the mixer (B, C and dt sections)
 

@@ -8,7 +8,7 @@ from torch import nn
 
 import vitgraph
 
-from test_op_rules import C, D, H, N, assert_exact, build, inputs, merge_heads, only, rotate_pairs
+from helpers import C, D, H, N, assert_exact, build, inputs, merge_heads, only, rotate_pairs
 
 
 class Rope2dAttention(nn.Module):
