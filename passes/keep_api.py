@@ -268,15 +268,31 @@ def _compress_method(slim: fx.GraphModule, model: nn.Module, mod: nn.Module, an:
     state = dict(slim.named_parameters()) | dict(slim.named_buffers())
     mine = dict(own.named_parameters()) | dict(own.named_buffers())
     user = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
-    for node in own.graph.nodes:
-        if node.op == "get_attr" and node.target not in user:
-            raise VitgraphError(f"reads {node.target}, a constant of its own trace")
     for k, t in mine.items():
         # the same code over equal tensors: the bound function computes what the checked graph does
         if k in user and (k not in state or state[k].shape != t.shape or not torch.equal(state[k], t)):
             raise VitgraphError(f"{k} is {tuple(t.shape)}, the compressed model's is "
                                 f"{tuple(state[k].shape) if k in state else 'absent'} or holds other values")
+    _move_constants(own, slim, user, type(mod).forward.__name__)
     return _with_defaults(type(own).forward, type(mod).forward)
+
+
+def _move_constants(own: fx.GraphModule, slim: fx.GraphModule, user: set[str], method: str) -> None:
+    """Give the constants the method's trace made (``_tensor_constant0``: not the model's state)
+    to ``slim`` under names of their own, as buffers that ``state_dict`` leaves out (they are made
+    again when the model is compressed again, as ``vitgraph.load`` does)."""
+    for node in own.graph.nodes:
+        if node.op != "get_attr" or node.target in user:
+            continue
+        value = own.get_submodule(node.target.rpartition(".")[0]) if "." in node.target else own
+        value = getattr(value, node.target.rpartition(".")[2])
+        name = f"_vitgraph_{method}_{node.target.replace('.', '_')}"
+        if not isinstance(value, torch.Tensor):
+            raise VitgraphError(f"reads {node.target}, a {type(value).__name__} of its own trace")
+        if name not in dict(slim.named_buffers()):
+            slim.register_buffer(name, value.detach().clone(), persistent=False)
+        node.target = name
+    own.recompile()
 
 
 def _with_defaults(fn: Any, original: Any) -> Any:
