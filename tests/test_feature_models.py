@@ -36,8 +36,10 @@ FRESH = textwrap.dedent("""
     sess = ort.InferenceSession(out + "/model.onnx", providers=["CPUExecutionProvider"])
     z = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
     ys = output_tensors(y)
+    cfg = getattr(m, "config", None)
     print(json.dumps({"type": type(y).__name__, "outputs": [len(ys), len(z)],
-                      "onnx_diff": max(float(np.abs(a.numpy() - b).max()) for a, b in zip(ys, z))}))
+                      "onnx_diff": max(float(np.abs(a.numpy() - b).max()) for a, b in zip(ys, z)),
+                      "config": type(cfg).__name__, "labels": dict(cfg.id2label) if cfg is not None else None}))
 """)
 
 
@@ -146,6 +148,7 @@ def test_hf_classifier_directory_through_prune_int8(folders, tmp_path):
     got = run_fresh(FRESH, str(out))
     assert got["type"] == "ImageClassifierOutput" and got["outputs"] == [1, 1]
     assert got["onnx_diff"] <= 1e-4
+    assert got["config"] == "ViTConfig" and got["labels"] == {"0": "LABEL_0", "1": "LABEL_1"}  # id2label kept
 
 
 def test_hf_backbone_directory_with_unlabeled_images_through_prune_int8(unlabeled, tmp_path, capsys):
@@ -159,6 +162,7 @@ def test_hf_backbone_directory_with_unlabeled_images_through_prune_int8(unlabele
     got = run_fresh(FRESH, str(out))
     assert got["type"] == "BaseModelOutputWithPooling" and got["outputs"] == [2, 2]
     assert got["onnx_diff"] <= 1e-4
+    assert got["config"] == "ViTConfig"
 
 
 def test_timm_features_only_through_python_prune():

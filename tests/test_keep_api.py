@@ -96,6 +96,8 @@ def test_reset_classifier_saves_and_reloads(tmp_path, x32):
     back = vitgraph.load(tmp_path / "r")
     with torch.no_grad():
         assert torch.equal(back(x32), out)
+        assert torch.allclose(back.forward_head(back.forward_features(x32)), out, atol=1e-6)  # methods reload too
+    assert back.num_classes == 4
     slim.reset_classifier(0)
     with torch.no_grad():
         assert slim(x32).shape == (2, len(plan.kept["residual"]))  # pre-logits features
