@@ -236,8 +236,10 @@ def _transfer(analysis: Any, plan: Any, an: Any) -> Any:
         cands = {fg.id: fg for pd in g.params for fg in owners.get(pd, ()) if fg.size == g.size}
         if len(cands) > 1:
             cands = {i: fg for i, fg in cands.items() if fg.kind == g.kind} or cands
-        if len(cands) > 1:  # (heads before and after a talking-heads mix): the same parameter dims
-            cands = {i: fg for i, fg in cands.items() if set(fg.params) == set(g.params)} or cands
+        if len(cands) > 1:  # (heads before and after a talking-heads mix; a stream between two stages)
+            share = {i: len(set(fg.params) & set(g.params)) for i in cands}
+            best = max(share.values())
+            cands = {i: fg for i, fg in cands.items() if share[i] == best}
         if len(cands) > 1:
             raise VitgraphError(f"group {g.id} matches the forward's groups {sorted(cands)}")
         if not cands:
