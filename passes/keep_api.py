@@ -240,6 +240,8 @@ def _transfer(analysis: Any, plan: Any, an: Any) -> Any:
             share = {i: len(set(fg.params) & set(g.params)) for i in cands}
             best = max(share.values())
             cands = {i: fg for i, fg in cands.items() if share[i] == best}
+        if len(cands) > 1 and g.id in cands:  # ids name where a group lives: the same in both graphs
+            cands = {g.id: cands[g.id]}
         if len(cands) > 1:
             raise VitgraphError(f"group {g.id} matches the forward's groups {sorted(cands)}")
         if not cands:
