@@ -386,3 +386,15 @@ def test_tracing_survives_a_broken_fx_wrap_table():
     finally:
         table.pop(key, None)
     assert dict(table) == had
+
+
+@pytest.mark.parametrize("target", ["flops:2", "flops", "speed:0.5", "flops:x"])
+def test_score_command_checks_its_target_before_scoring(tmp_path, capsys, target):
+    """``vitgraph score --target`` is parsed by the one target parser, before any work is done."""
+    from vitgraph.cli import main
+
+    rc = main(["score", "deit_tiny_patch16_224", "--method", "magnitude", "--target", target,
+               "--out", str(tmp_path / "s.safetensors")])
+    assert rc != 0
+    assert "--target must be KIND:FRACTION" in capsys.readouterr().err
+    assert not (tmp_path / "s.safetensors").exists()

@@ -110,6 +110,7 @@ def cmd_score(a: argparse.Namespace) -> int:
 def _score(a: argparse.Namespace) -> int:
     from vitgraph import Plan, analyze, plan_to_target, score
     from vitgraph.distributed import rank
+    from vitgraph.pipeline import parse_target
 
     model, x, _ = _load(a)
     with step(f"analyzing {a.model}"):
@@ -119,10 +120,10 @@ def _score(a: argparse.Namespace) -> int:
     method = a.method
     if data is not None:
         method = _data_method(a.method, model, x, data)
+    kind, frac = parse_target(a.target, "--target")
     if method == "threshold":  # thresholds learn widths toward --target themselves
-        kind, _, frac = a.target.partition(":")
         opts.setdefault("budget", kind)
-        opts.setdefault("target", float(frac))
+        opts.setdefault("target", frac)
     with step(f"scoring ({method})"):
         s = score(model, an, method, data=data, **opts)
     if rank() != 0:
@@ -135,8 +136,7 @@ def _score(a: argparse.Namespace) -> int:
         if method == "threshold":
             plan = Plan.from_scores(an, s, ratio=None, round_to=a.round_to if a.align else 1, align=a.align)
         else:
-            kind, _, frac = a.target.partition(":")
-            plan = plan_to_target(an, s, target=kind, fraction=float(frac), round_to=a.round_to,
+            plan = plan_to_target(an, s, target=kind, fraction=frac, round_to=a.round_to,
                                   normalize=method == "magnitude", align=a.align)
         Path(a.plan).write_text(plan.to_json())
         print(plan.summary(an))
