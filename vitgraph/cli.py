@@ -15,6 +15,7 @@ import torch
 
 from vitgraph.analysis.kinds import PRUNABLE_KINDS
 from vitgraph.errors import VitgraphError
+from vitgraph.planning.latency import RUNTIMES
 from vitgraph import artifact
 from vitgraph.models import load_model_and_source, parse_model_args
 
@@ -444,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", choices=["hessian", "kl", "magnitude", "threshold"], default="kl",
                    help="criterion (default kl: the best in benchmarks/results/criteria.md)")
     s.add_argument("--target", default="flops:0.5", help="flops|params|latency:FRACTION kept (default flops:0.5)")
-    s.add_argument("--runtime", choices=["ort-cpu", "torch-cpu", "ort-cuda", "torch-cuda"], default="torch-cpu",
+    s.add_argument("--runtime", choices=RUNTIMES, default="torch-cpu",
                    help="runtime of latency targets and of the measured latency")
     s.add_argument("--finetune-epochs", type=int, default=1, help="epochs of fine-tuning with distillation (0: none)")
     s.add_argument("--batch-size", type=int, default=32)

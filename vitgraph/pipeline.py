@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from vitgraph.errors import VitgraphError
+from vitgraph.planning.latency import RUNTIMES
 from vitgraph.report import Stage, stage_table
 
 __all__ = ["PruneResult", "Stage", "prune", "evaluate", "fidelity", "parse_target", "round_fractions", "METHODS",
@@ -38,7 +39,6 @@ __all__ = ["PruneResult", "Stage", "prune", "evaluate", "fidelity", "parse_targe
 
 METHODS = ("hessian", "kl", "magnitude", "threshold")
 TARGETS = ("flops", "params", "latency")
-RUNTIMES = ("ort-cpu", "torch-cpu", "ort-cuda", "torch-cuda")
 SCHEDULES = ("oneshot", "iterative")
 REPORT_FILE = "report.md"
 log = logging.getLogger("vitgraph.prune")
