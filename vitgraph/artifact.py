@@ -19,12 +19,17 @@ from torch import nn
 
 from vitgraph.errors import VitgraphError
 
-__all__ = ["SOURCE_FILE", "PLAN_FILE", "WEIGHTS_FILE", "SPARSITY_FILE", "CLASSIFIER_FILE", "Source", "is_artifact", "load",
+__all__ = ["SOURCE_FILE", "PLAN_FILE", "WEIGHTS_FILE", "SPARSITY_FILE", "CLASSIFIER_FILE", "ONNX_FILE", "INT8_FILE",
+           "PREPROCESS_FILE", "WIDTHS_FILE", "REPORT_FILE", "Source", "is_artifact", "load",
            "save"]
 
 SOURCE_FILE, PLAN_FILE, WEIGHTS_FILE = "source.json", "plan.json", "model.safetensors"
 SPARSITY_FILE = "sparsity24.json"  # written by vitgraph sparsify: the 2:4 layers, whose masks load restores
 CLASSIFIER_FILE = "classifier.json"  # written when the model's classifier was reset: load resets it again
+# the other files of a result directory (written by vitgraph compress/prune/sparsify, not needed by load)
+ONNX_FILE, INT8_FILE = "model.onnx", "model.int8.onnx"
+PREPROCESS_FILE = "preprocess.json"  # the input recipe, used again when the result is pruned again
+WIDTHS_FILE, REPORT_FILE = "widths.png", "report.md"
 _KINDS = ("timm", "torchvision", "transformers", "vitgraph")
 SOURCE_VERSION = 1
 

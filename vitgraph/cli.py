@@ -234,11 +234,11 @@ def cmd_compress(a: argparse.Namespace) -> int:
         saved = artifact.save(out, slim, plan, source)
         files = f"{artifact.SOURCE_FILE}, {artifact.PLAN_FILE}, {artifact.WEIGHTS_FILE}, model.onnx"
     else:  # a pickled module in: no recipe to rebuild it from, so the result is pickled too
-        (out / "plan.json").write_text(plan.to_json())
+        (out / artifact.PLAN_FILE).write_text(plan.to_json())
         torch.save(slim, out / "model.pt")
         files = "plan.json, model.pt, model.onnx"
     with step("exporting ONNX and checking parity"):
-        rep = export_onnx(slim, out / "model.onnx", (x,))
+        rep = export_onnx(slim, out / artifact.ONNX_FILE, (x,))
     with step("counting FLOPs and measuring latency"):
         rows = {"dense": (count_params(model), count_flops(model, (x,))),
                 "compressed": (count_params(slim), count_flops(slim, (x,)))}
@@ -257,7 +257,6 @@ def cmd_compress(a: argparse.Namespace) -> int:
 def cmd_sparsify(a: argparse.Namespace) -> int:
     from vitgraph import Plan, analyze, compress, sparsify_24
     from vitgraph.deploy.export import export_onnx
-    from vitgraph.data import PREPROCESS_FILE
     from vitgraph.deploy.onnx24 import check_24
 
     model, x, source = _load(a)
@@ -282,16 +281,16 @@ def cmd_sparsify(a: argparse.Namespace) -> int:
     report = sparse.vitgraph_24_report
     del sparse.vitgraph_24_report  # not part of the module's state
     artifact.save(out, sparse, plan, base)
-    recipe = Path(a.model) / PREPROCESS_FILE
+    recipe = Path(a.model) / artifact.PREPROCESS_FILE
     if artifact.is_artifact(a.model) and recipe.is_file():  # a pruned result's preprocessing goes along
-        (out / PREPROCESS_FILE).write_text(recipe.read_text())
+        (out / artifact.PREPROCESS_FILE).write_text(recipe.read_text())
     (out / SPARSITY_FILE).write_text(json.dumps({
         "method": report.method, "min_features": a.min_features, "exclude": list(a.exclude),
         "sparsified": list(report.sparsified), "skipped": [list(s) for s in report.skipped],
         "kept_magnitude_fraction": report.kept_magnitude_fraction}, indent=1))
     with step("exporting ONNX and checking parity"):
-        rep = export_onnx(sparse, out / "model.onnx", (x,))
-    check = check_24(out / "model.onnx", min_size=a.min_features)
+        rep = export_onnx(sparse, out / artifact.ONNX_FILE, (x,))
+    check = check_24(out / artifact.ONNX_FILE, min_size=a.min_features)
     print(report.summary())
     print(f"ONNX parity max abs diff {rep.max_abs_diff:.2e}; check-24 of model.onnx: "
           f"{len(check.checked)} weights checked, {'OK' if check.ok else 'FAIL'}")

@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
+from vitgraph.artifact import PREPROCESS_FILE
 from vitgraph.errors import DataError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -147,7 +148,6 @@ class EpochLoader:
 # ---------------------------------------------------------------------------------------------
 # image folders, preprocessed the way the model expects
 
-PREPROCESS_FILE = "preprocess.json"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 

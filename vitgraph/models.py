@@ -8,7 +8,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from vitgraph.artifact import Source, is_artifact, load, nested, read_source
+from vitgraph.artifact import PLAN_FILE, Source, is_artifact, load, nested, read_source
 from vitgraph.errors import VitgraphError
 
 
@@ -50,7 +50,7 @@ def load_model_and_source(spec: str, input_size: Optional[str] = None, batch: in
         model = load(path)
         from vitgraph.planning.plan import Plan
 
-        source = nested(saved, Plan.from_json((path / "plan.json").read_text()))
+        source = nested(saved, Plan.from_json((path / PLAN_FILE).read_text()))
         shape = shape or saved.input_size
     elif path.exists():
         if path.is_dir():

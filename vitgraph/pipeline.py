@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from vitgraph.errors import VitgraphError
+from vitgraph.artifact import INT8_FILE, ONNX_FILE, PREPROCESS_FILE, REPORT_FILE, WIDTHS_FILE
 from vitgraph.planning.latency import RUNTIMES
 from vitgraph.report import Stage, stage_table
 
@@ -40,7 +41,6 @@ __all__ = ["PruneResult", "Stage", "prune", "evaluate", "fidelity", "parse_targe
 METHODS = ("hessian", "kl", "magnitude", "threshold")
 TARGETS = ("flops", "params", "latency")
 SCHEDULES = ("oneshot", "iterative")
-REPORT_FILE = "report.md"
 log = logging.getLogger("vitgraph.prune")
 
 
@@ -683,15 +683,14 @@ def _write(out: Path, r: PruneResult, source: Any, x: torch.Tensor, runtime: str
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_FILE).unlink(missing_ok=True)  # a report names a finished result only
     artifact.save(out, r.model, r.plan, source)
-    rep = export_onnx(r.model, out / "model.onnx", (x,))
+    rep = export_onnx(r.model, out / ONNX_FILE, (x,))
     if preprocess is not None:
-        from vitgraph.data import PREPROCESS_FILE
 
         write_atomic(out / PREPROCESS_FILE, json.dumps(preprocess, indent=1))
     int8_line = _int8(out, r, x, int8, progress) if int8 is not None else ""
     kind, fraction = r.target
     sched = "one-shot" if r.schedule == "oneshot" else f"iterative, {len(r.rounds)} rounds"
-    draw_widths(r.widths, out / "widths.png", f"{r.method}, {kind}:{fraction:g} ({sched}): kept / dense width")
+    draw_widths(r.widths, out / WIDTHS_FILE, f"{r.method}, {kind}:{fraction:g} ({sched}): kept / dense width")
     lines = [f"# vitgraph prune: {r.method}, target {kind}:{fraction:g}, {sched}", "",
              f"Latency: median at batch 1 on {runtime} (pruned and fine-tuned share one architecture). "
              f"FLOPs fraction {r.flops_fraction:.3f}; ONNX parity max abs diff {rep.max_abs_diff:.2e}.{int8_line}", "",
@@ -732,7 +731,7 @@ def _int8(out: Path, r: PruneResult, x: torch.Tensor, int8: tuple, progress: Opt
 
     calibration, val, reps, dense = int8
     inputs = [split_batch(b)[0] for b in list.__iter__(calibration)]
-    dst = quantize_int8(out / "model.onnx", out / "model.int8.onnx", inputs)
+    dst = quantize_int8(out / ONNX_FILE, out / INT8_FILE, inputs)
     if r.objective == "logits":
         with _bar(None, "int8 top-1", progress) as bar:
             fig = {"top1": evaluate_onnx(dst, val, bar)}
@@ -740,7 +739,7 @@ def _int8(out: Path, r: PruneResult, x: torch.Tensor, int8: tuple, progress: Opt
         error, cosine = fidelity(onnx_model(dst), dense, val, progress=progress, desc="int8 outputs against dense")
         fig = {"error": error, "cosine": cosine}
     ft = r.stages["fine-tuned"]
-    fp32_ms, int8_ms = int8_speedup(out / "model.onnx", dst, x, reps) if reps else (None, None)
+    fp32_ms, int8_ms = int8_speedup(out / ONNX_FILE, dst, x, reps) if reps else (None, None)
     r.stages["int8"] = _stage(fig, ft.params, ft.flops, int8_ms)
     if int8_ms is None:
         return ""
