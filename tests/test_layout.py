@@ -20,7 +20,7 @@ ALLOWED = {
     "planning": {"analysis", "capture", "deploy"},
     "passes": {"analysis", "capture", "deploy", "planning", "top"},
 }
-LEAVES = {"vitgraph.errors", "vitgraph.gc_hold"}
+LEAVES = {"vitgraph.errors", "vitgraph.gc_hold", "vitgraph.atomic"}
 
 
 def _modules() -> dict[str, pathlib.Path]:

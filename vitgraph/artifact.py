@@ -114,7 +114,7 @@ def save(out: Union[str, Path], module: nn.Module, plan: Any, source: Source) ->
     """Write ``module`` (the result of ``compress(source.build(), plan)`` with any weights) to ``out``."""
     from safetensors.torch import save_model
 
-    from vitgraph.journal import write_atomic
+    from vitgraph.atomic import atomic_path, write_atomic
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,11 +124,10 @@ def save(out: Union[str, Path], module: nn.Module, plan: Any, source: Source) ->
     write_atomic(out / SOURCE_FILE, json.dumps({"vitgraph_source": SOURCE_VERSION} | source.to_dict(), indent=1))
     write_atomic(out / PLAN_FILE, plan.to_json())
     _save_classifier(out, module)
-    partial = out / f".{WEIGHTS_FILE}.partial"
-    save_model(module, str(partial))
-    # safetensors creates its file 0600; the weights get the mode the user's umask gives the others
-    os.chmod(partial, (out / PLAN_FILE).stat().st_mode & 0o777)
-    os.replace(partial, out / WEIGHTS_FILE)
+    with atomic_path(out / WEIGHTS_FILE) as partial:
+        save_model(module, str(partial))
+        # safetensors creates its file 0600; the weights get the mode the user's umask gives the others
+        os.chmod(partial, (out / PLAN_FILE).stat().st_mode & 0o777)
     return out
 
 
@@ -179,7 +178,7 @@ def load(path: Union[str, Path]) -> nn.Module:
 
 
 def _save_classifier(out: Path, module: nn.Module) -> None:
-    from vitgraph.journal import write_atomic
+    from vitgraph.atomic import write_atomic
     from vitgraph.passes.keep_api import CLASSIFIER_ATTR
 
     rec = getattr(module, CLASSIFIER_ATTR, None)

@@ -18,7 +18,9 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler, TensorDataset
+
 from vitgraph.artifact import PREPROCESS_FILE
+from vitgraph.atomic import atomic_path
 from vitgraph.errors import DataError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -74,10 +76,8 @@ def _place(src: Path, dst: Path) -> None:
 
     if src.suffix != ".gz":
         if not (dst.is_symlink() and dst.resolve() == src):
-            tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
-            tmp.unlink(missing_ok=True)
-            tmp.symlink_to(src)
-            os.replace(tmp, dst)
+            with atomic_path(dst) as tmp:
+                tmp.symlink_to(src)
         return
     stamp = src.stat().st_mtime_ns
     if dst.is_file() and not dst.is_symlink() and dst.stat().st_mtime_ns == stamp:

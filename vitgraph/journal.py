@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
 import torch
 
+from vitgraph.atomic import atomic_path, write_atomic
 from vitgraph.errors import VitgraphError
 
 __all__ = ["Journal", "write_atomic", "STATE_DIR"]
@@ -26,17 +26,6 @@ __all__ = ["Journal", "write_atomic", "STATE_DIR"]
 STATE_DIR = ".vitgraph-run"
 _STATE = "state.json"
 log = logging.getLogger("vitgraph.prune")
-
-
-def write_atomic(path: Union[str, Path], data: Union[str, bytes]) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename (all or nothing)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    if isinstance(data, str):
-        tmp.write_text(data)
-    else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class Journal:
@@ -102,9 +91,8 @@ class Journal:
     def record(self, step: str, figures: dict[str, Any], tensors: Optional[dict[str, Any]] = None) -> None:
         """Mark ``step`` finished with ``figures`` (JSON) and ``tensors`` (a dict of tensors, saved first)."""
         if tensors is not None and self.writer:
-            tmp = self.dir / f".{step}.pt.partial"
-            torch.save(tensors, tmp)
-            os.replace(tmp, self.dir / f"{step}.pt")
+            with atomic_path(self.dir / f"{step}.pt") as tmp:
+                torch.save(tensors, tmp)
         self.steps[step] = figures
         self._save()
 

@@ -602,11 +602,10 @@ class _Run:
         self.model.cpu()
         slim.cpu().eval()
         if self.journal.writer:
-            import os
+            from vitgraph.atomic import atomic_path
 
-            partial = self.journal.dir / f".{step}.safetensors.partial"
-            save_model(slim, str(partial))
-            os.replace(partial, self.journal.dir / f"{step}.safetensors")
+            with atomic_path(self.journal.dir / f"{step}.safetensors") as partial:
+                save_model(slim, str(partial))
         self.journal.record(step, {"losses": losses})
         return losses
 
@@ -677,7 +676,7 @@ def _write(out: Path, r: PruneResult, source: Any, x: torch.Tensor, runtime: str
     """
     from vitgraph import artifact
     from vitgraph.deploy.export import export_onnx
-    from vitgraph.journal import write_atomic
+    from vitgraph.atomic import write_atomic
     from vitgraph.report import draw_widths, widths_table
 
     out.mkdir(parents=True, exist_ok=True)

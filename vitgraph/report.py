@@ -80,7 +80,7 @@ def draw_widths(widths: Sequence[Width], path: Union[str, Path], title: str = ""
         d.text((x1 + 6, y + 3), f"{kept}/{size}", fill="black")
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    from vitgraph.journal import write_atomic
+    from vitgraph.atomic import write_atomic
 
     path = Path(path)
     write_atomic(path, buf.getvalue())

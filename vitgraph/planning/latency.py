@@ -22,7 +22,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import time
 import timeit
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from vitgraph.atomic import write_atomic
 from vitgraph.errors import ArgumentError, UnknownGroupError
 
 RUNTIMES = ("torch-cpu", "ort-cpu", "torch-cuda", "ort-cuda")
@@ -188,10 +188,7 @@ class LatencyTable:
             return self.path
         self.path.parent.mkdir(parents=True, exist_ok=True)
         data = {"runtime": self.runtime, "batch": self.batch, "threads": self.threads, "entries": self.entries}
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(data))
         self._dirty = False
         return self.path
 
