@@ -188,18 +188,18 @@ def _bound_methods(slim: fx.GraphModule, model: nn.Module, analysis: Any, plan: 
     base = tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype) if t.is_floating_point() else t
                  for t in inputs)
     found: dict[str, Any] = {}
-    feeds: list[torch.Tensor] = []  # outputs of methods that worked: inputs to try for the rest
-    for _round in range(2):
+    tries = [(base, False)]  # the forward's inputs, then the tensor outputs of methods that worked
+    tried = dict.fromkeys(names, 0)  # how many of ``tries`` each method has had
+    while any(n not in found and tried[n] < len(tries) for n in names):
         for name in names:
-            if name in found:
-                continue
-            for inputs, chained in [(base, False)] + [((f,), True) for f in feeds]:
-                fn, out = _try_method(slim, model, analysis, plan, name, inputs, chained)
+            while name not in found and tried[name] < len(tries):
+                args, chained = tries[tried[name]]
+                tried[name] += 1
+                fn, out = _try_method(slim, model, analysis, plan, name, args, chained)
                 if fn is not None:
                     found[name] = fn
                     if isinstance(out, torch.Tensor):
-                        feeds.append(out)
-                    break
+                        tries.append(((out,), True))
     return found
 
 

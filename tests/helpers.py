@@ -307,3 +307,19 @@ def trained_tiny(steps: int = 150):
         loss.backward()
         opt.step()
     return model.eval(), x, y
+
+
+def floats(rows) -> torch.Tensor:
+    """Hand-written numbers as a float32 tensor."""
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def fill_params(m: torch.nn.Module, **values) -> torch.nn.Module:
+    """Copy hand-written values into ``m``'s parameters (``fc1__weight`` names ``fc1.weight``),
+    reshaped to each parameter's shape; ``m`` in eval mode."""
+    params = dict(m.named_parameters())
+    with torch.no_grad():
+        for name, v in values.items():
+            p = params[name.replace("__", ".")]
+            p.copy_(floats(v).reshape(p.shape))
+    return m.eval()

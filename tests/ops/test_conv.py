@@ -15,19 +15,7 @@ from torch import nn
 
 import vitgraph
 
-
-def _t(rows) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.float32)
-
-
-def _fill(m: nn.Module, **values) -> nn.Module:
-    """Copy hand-written values into ``m``'s parameters (``c1__weight`` names ``c1.weight``)."""
-    params = dict(m.named_parameters())
-    with torch.no_grad():
-        for name, v in values.items():
-            p = params[name.replace("__", ".")]
-            p.copy_(_t(v).reshape(p.shape))
-    return m.eval()
+from helpers import fill_params, floats
 
 
 def _slim_and_masked(m: nn.Module, plan: vitgraph.Plan, x: torch.Tensor):
@@ -40,7 +28,7 @@ def _groups(an: vitgraph.Analysis) -> dict:
     return {g.id: (g.kind, g.size, set(g.params)) for g in an.groups}
 
 
-IMAGE = _t([[1, 2], [3, 4]]).reshape(1, 1, 2, 2)
+IMAGE = floats([[1, 2], [3, 4]]).reshape(1, 1, 2, 2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,7 +45,7 @@ class ConvFlattenLinear(nn.Module):
 
 
 def test_conv_out_channels_feeding_flatten_and_linear_are_one_group():
-    m = _fill(ConvFlattenLinear(),
+    m = fill_params(ConvFlattenLinear(),
               c__weight=[[[1, 0], [0, 1]], [[0, 1], [-1, 0]], [[1, 1], [1, 1]]], c__bias=[0, 0, -4],
               fc__weight=[[1, 1, 1], [1, 0, -1]], fc__bias=[0, 0])
     an = vitgraph.analyze(m, IMAGE)
@@ -65,14 +53,14 @@ def test_conv_out_channels_feeding_flatten_and_linear_are_one_group():
     assert "tied by conv bias at" in an.explain("c:ffn") and "tied by linear at" in an.explain("c:ffn")
     # c(x) = [1 + 4, 2 - 3, 10 - 4] = [5, -1, 6]; relu -> [5, 0, 6]; fc -> [11, -1]
     with torch.no_grad():
-        assert torch.equal(m(IMAGE), _t([[11, -1]]))
+        assert torch.equal(m(IMAGE), floats([[11, -1]]))
     slim, out, masked = _slim_and_masked(m, vitgraph.Plan.keep_all(an).keep("c:ffn", [1, 2]), IMAGE)
-    assert torch.equal(slim.c.weight, _t([[[[0, 1], [-1, 0]]], [[[1, 1], [1, 1]]]]))
-    assert torch.equal(slim.c.bias, _t([0, -4]))
+    assert torch.equal(slim.c.weight, floats([[[[0, 1], [-1, 0]]], [[[1, 1], [1, 1]]]]))
+    assert torch.equal(slim.c.bias, floats([0, -4]))
     assert (slim.c.in_channels, slim.c.out_channels, slim.c.groups) == (1, 2, 1)
-    assert torch.equal(slim.fc.weight, _t([[1, 1], [0, -1]])) and slim.fc.in_features == 2
+    assert torch.equal(slim.fc.weight, floats([[1, 1], [0, -1]])) and slim.fc.in_features == 2
     # relu(c x) = [0, 6]; fc -> [6, -6]
-    assert torch.equal(out, _t([[6, -6]]))
+    assert torch.equal(out, floats([[6, -6]]))
     assert torch.equal(out, masked)
 
 
@@ -83,7 +71,7 @@ def test_conv_channels_flattened_with_space_stay_a_group():
     m = ConvFlattenLinear()
     m.fc = nn.Linear(12, 2, bias=False)
     # channel c: (c + 1) * the window's top-left pixel; fc: the sum, and each channel's first position
-    m = _fill(m, c__weight=[[[1, 0], [0, 0]], [[2, 0], [0, 0]], [[3, 0], [0, 0]]], c__bias=[0, 0, 0],
+    m = fill_params(m, c__weight=[[[1, 0], [0, 0]], [[2, 0], [0, 0]], [[3, 0], [0, 0]]], c__bias=[0, 0, 0],
               fc__weight=[[1] * 12, [1, 0, 0, 0] * 3])
     x = torch.arange(1.0, 10.0).reshape(1, 1, 3, 3)  # [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
     an = vitgraph.analyze(m, x)
@@ -92,10 +80,10 @@ def test_conv_channels_flattened_with_space_stay_a_group():
     assert [(f.size, f.where) for f in merged] == [(2, ("fc.weight",)), (2, ("fc.weight",))]  # 2 x 2 positions
     # flatten: [1, 2, 4, 5] * 1, * 2, * 3 -> fc: [12 + 24 + 36, 1 + 2 + 3]
     with torch.no_grad():
-        assert torch.equal(m(x), _t([[72, 6]]))
+        assert torch.equal(m(x), floats([[72, 6]]))
     slim, out, masked = _slim_and_masked(m, vitgraph.Plan.keep_all(an).keep("c:ffn", [1, 2]), x)
-    assert torch.equal(slim.fc.weight, _t([[1] * 8, [1, 0, 0, 0] * 2])) and slim.fc.in_features == 8
-    assert torch.equal(out, _t([[60, 5]]))
+    assert torch.equal(slim.fc.weight, floats([[1] * 8, [1, 0, 0, 0] * 2])) and slim.fc.in_features == 8
+    assert torch.equal(out, floats([[60, 5]]))
     assert torch.equal(out, masked)
 
 
@@ -116,22 +104,22 @@ class Depthwise(nn.Module):
 
 
 def test_depthwise_conv_ties_in_and_out_channels():
-    m = _fill(Depthwise(), c1__weight=[1, 2, -1], dw__weight=[[1, 1], [1, -1], [2, 0]], dw__bias=[0, 0, 1],
+    m = fill_params(Depthwise(), c1__weight=[1, 2, -1], dw__weight=[[1, 1], [1, -1], [2, 0]], dw__bias=[0, 0, 1],
               c2__weight=[1, 2, 3])
-    x = _t([1, 2]).reshape(1, 1, 1, 2)
+    x = floats([1, 2]).reshape(1, 1, 1, 2)
     an = vitgraph.analyze(m, x)
     assert _groups(an) == {
         "c1+dw:ffn": ("ffn", 3, {("c1.weight", 0), ("dw.bias", 0), ("dw.weight", 0), ("c2.weight", 1)})}, str(an)
     assert "tied by depthwise conv at" in an.explain("c1+dw:ffn")
     # c1 x = [1, 2], [2, 4], [-1, -2]; dw -> [3, -2, -2 + 1]; c2 -> 3 - 4 - 3 = -4
     with torch.no_grad():
-        assert torch.equal(m(x), _t([-4]).reshape(1, 1, 1, 1))
+        assert torch.equal(m(x), floats([-4]).reshape(1, 1, 1, 1))
     slim, out, masked = _slim_and_masked(m, vitgraph.Plan.keep_all(an).keep("c1+dw:ffn", [1, 2]), x)
-    assert torch.equal(slim.dw.weight, _t([[[[1, -1]]], [[[2, 0]]]])) and torch.equal(slim.dw.bias, _t([0, 1]))
+    assert torch.equal(slim.dw.weight, floats([[[[1, -1]]], [[[2, 0]]]])) and torch.equal(slim.dw.bias, floats([0, 1]))
     assert (slim.dw.in_channels, slim.dw.out_channels, slim.dw.groups) == (2, 2, 2)  # still depthwise
-    assert torch.equal(slim.c1.weight.flatten(), _t([2, -1])) and torch.equal(slim.c2.weight.flatten(), _t([2, 3]))
+    assert torch.equal(slim.c1.weight.flatten(), floats([2, -1])) and torch.equal(slim.c2.weight.flatten(), floats([2, 3]))
     # dw -> [-2, -1]; c2 -> -4 - 3
-    assert torch.equal(out, _t([-7]).reshape(1, 1, 1, 1))
+    assert torch.equal(out, floats([-7]).reshape(1, 1, 1, 1))
     assert torch.equal(out, masked)
 
 
@@ -151,7 +139,7 @@ class Grouped(nn.Module):
 
 def grouped() -> nn.Module:
     # g: out0 = in0, out1 = in1 (group 0: in0, in1); out2 = in2 + in3, out3 = in2 - in3 (group 1)
-    return _fill(Grouped(), c1__weight=[1, 2, 3, 4], g__weight=[[1, 0], [0, 1], [1, 1], [1, -1]],
+    return fill_params(Grouped(), c1__weight=[1, 2, 3, 4], g__weight=[[1, 0], [0, 1], [1, 1], [1, -1]],
                  c2__weight=[1, 10, 100, 1000])
 
 
@@ -188,9 +176,9 @@ def test_grouped_conv_rewrite(gid, keep, c1_w, g_w, c2_w, groups, want):
     m = grouped()
     an = vitgraph.analyze(m, ONE)
     slim, out, masked = _slim_and_masked(m, vitgraph.Plan.keep_all(an).keep(gid, keep), ONE)
-    assert torch.equal(slim.c1.weight.flatten(), _t(c1_w))
-    assert torch.equal(slim.g.weight.flatten(1), _t(g_w))
-    assert torch.equal(slim.c2.weight.flatten(), _t(c2_w))
+    assert torch.equal(slim.c1.weight.flatten(), floats(c1_w))
+    assert torch.equal(slim.g.weight.flatten(1), floats(g_w))
+    assert torch.equal(slim.c2.weight.flatten(), floats(c2_w))
     assert (slim.g.in_channels, slim.g.out_channels, slim.g.groups) == (len(c1_w), len(c2_w), groups)
     assert out.item() == want
     assert torch.equal(out, masked)
@@ -214,7 +202,7 @@ class FunctionalConvPool(nn.Module):
 
 
 def test_functional_conv_and_pooling_keep_channels():
-    m = _fill(FunctionalConvPool(), c__weight=[1, -1, 2], w=[[1, 1, 0], [0, 1, 1]], fc__weight=[[2, 4]])
+    m = fill_params(FunctionalConvPool(), c__weight=[1, -1, 2], w=[[1, 1, 0], [0, 1, 1]], fc__weight=[[2, 4]])
     an = vitgraph.analyze(m, IMAGE)
     assert _groups(an) == {
         "ffn": ("ffn", 3, {("c.weight", 0), ("w", 1)}),
@@ -222,12 +210,12 @@ def test_functional_conv_and_pooling_keep_channels():
     }, str(an)
     # relu(c x) = x, 0, 2x; w -> x, 2x; mean over the image (2.5) -> [2.5, 5]; fc -> 5 + 20
     with torch.no_grad():
-        assert torch.equal(m(IMAGE), _t([[25]]))
+        assert torch.equal(m(IMAGE), floats([[25]]))
     slim, out, masked = _slim_and_masked(m, vitgraph.Plan.keep_all(an).keep("ffn", [0, 2]).keep("ffn.1", [1]), IMAGE)
-    assert torch.equal(slim.c.weight.flatten(), _t([1, 2]))
-    assert torch.equal(slim.w.flatten(1), _t([[0, 1]])) and torch.equal(slim.fc.weight, _t([[4]]))
+    assert torch.equal(slim.c.weight.flatten(), floats([1, 2]))
+    assert torch.equal(slim.w.flatten(1), floats([[0, 1]])) and torch.equal(slim.fc.weight, floats([[4]]))
     # relu(c x) = x, 2x; w -> 2x; mean -> 5; fc -> 20
-    assert torch.equal(out, _t([[20]]))
+    assert torch.equal(out, floats([[20]]))
     assert torch.equal(out, masked)
 
 

@@ -14,18 +14,7 @@ from torch import nn
 
 import vitgraph
 
-
-def _t(rows) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.float32)
-
-
-def _fill(m: nn.Module, **values) -> nn.Module:
-    """Copy hand-written values into ``m``'s parameters (``fc1__weight`` names ``fc1.weight``)."""
-    params = dict(m.named_parameters())
-    with torch.no_grad():
-        for name, v in values.items():
-            params[name.replace("__", ".")].copy_(_t(v))
-    return m.eval()
+from helpers import fill_params, floats
 
 
 def _slim_and_masked(m: nn.Module, plan: vitgraph.Plan, x: torch.Tensor):
@@ -48,12 +37,12 @@ class Mlp(nn.Module):
 
 
 def mlp() -> nn.Module:
-    return _fill(Mlp(),
+    return fill_params(Mlp(),
                  fc1__weight=[[1, -1], [2, 0], [0, 3]], fc1__bias=[0, 1, -1],
                  fc2__weight=[[1, 2, 3], [-1, 0, 1]], fc2__bias=[1, 0])
 
 
-X2 = _t([[1, 2], [-1, 0]])
+X2 = floats([[1, 2], [-1, 0]])
 
 
 def test_linear_out_width_feeding_a_linear_is_one_group():
@@ -72,7 +61,7 @@ def test_linear_out_width_feeding_a_linear_is_one_group():
 def test_linear_reference_output():
     """fc1(x) = [-1, 3, 5] and [-1, -1, -1]; relu -> [0, 3, 5], [0, 0, 0]; fc2 -> [22, 5], [1, 0]."""
     with torch.no_grad():
-        assert torch.equal(mlp()(X2), _t([[22, 5], [1, 0]]))
+        assert torch.equal(mlp()(X2), floats([[22, 5], [1, 0]]))
 
 
 def test_linear_rewrite_slices_rows_and_columns():
@@ -81,16 +70,16 @@ def test_linear_rewrite_slices_rows_and_columns():
     plan = vitgraph.Plan.keep_all(an).keep("fc1:ffn", [0, 2])
     slim, out, masked = _slim_and_masked(m, plan, X2)
     # rows 0 and 2 of fc1, columns 0 and 2 of fc2; fc2's bias untouched
-    assert torch.equal(slim.fc1.weight, _t([[1, -1], [0, 3]]))
-    assert torch.equal(slim.fc1.bias, _t([0, -1]))
-    assert torch.equal(slim.fc2.weight, _t([[1, 3], [-1, 1]]))
-    assert torch.equal(slim.fc2.bias, _t([1, 0]))
+    assert torch.equal(slim.fc1.weight, floats([[1, -1], [0, 3]]))
+    assert torch.equal(slim.fc1.bias, floats([0, -1]))
+    assert torch.equal(slim.fc2.weight, floats([[1, 3], [-1, 1]]))
+    assert torch.equal(slim.fc2.bias, floats([1, 0]))
     assert (slim.fc1.in_features, slim.fc1.out_features) == (2, 2)
     assert (slim.fc2.in_features, slim.fc2.out_features) == (2, 2)
     # relu(fc1 x) = [0, 5] and [0, 0]; fc2 -> [0 + 15 + 1, 0 + 5 + 0] and [1, 0]
-    assert torch.equal(out, _t([[16, 5], [1, 0]]))
+    assert torch.equal(out, floats([[16, 5], [1, 0]]))
     assert torch.equal(out, masked)
-    assert torch.equal(m.fc1.weight, _t([[1, -1], [2, 0], [0, 3]]))  # the input model is untouched
+    assert torch.equal(m.fc1.weight, floats([[1, -1], [2, 0], [0, 3]]))  # the input model is untouched
 
 
 def test_linear_output_width_is_a_group_with_prune_outputs():
@@ -117,9 +106,9 @@ class Residual(nn.Module):
 
 
 def test_linear_residual_ties_every_map_on_the_stream():
-    m = _fill(Residual(), embed__weight=[[1], [2]], embed__bias=[0, 1],
+    m = fill_params(Residual(), embed__weight=[[1], [2]], embed__bias=[0, 1],
               fc__weight=[[1, 0], [1, -1]], fc__bias=[0, 0], head__weight=[[1, 1]], head__bias=[0])
-    x = _t([[2]])
+    x = floats([[2]])
     an = vitgraph.analyze(m, x)
     assert [(g.id, g.kind, g.size) for g in an.groups] == [("embed+fc:residual", "residual", 2)], str(an)
     # both dims of fc's square weight are on the stream
@@ -127,12 +116,12 @@ def test_linear_residual_ties_every_map_on_the_stream():
         ("embed.bias", 0), ("embed.weight", 0), ("fc.weight", 1), ("fc.bias", 0), ("fc.weight", 0), ("head.weight", 1)}
     # e = [2, 5]; fc(e) = [2, -3]; e + relu = [4, 5]; head -> 9
     with torch.no_grad():
-        assert torch.equal(m(x), _t([[9]]))
+        assert torch.equal(m(x), floats([[9]]))
     slim, out, masked = _slim_and_masked(m, vitgraph.Plan.keep_all(an).keep("embed+fc:residual", [1]), x)
-    assert torch.equal(slim.embed.weight, _t([[2]])) and torch.equal(slim.embed.bias, _t([1]))
-    assert torch.equal(slim.fc.weight, _t([[-1]])) and torch.equal(slim.head.weight, _t([[1]]))
+    assert torch.equal(slim.embed.weight, floats([[2]])) and torch.equal(slim.embed.bias, floats([1]))
+    assert torch.equal(slim.fc.weight, floats([[-1]])) and torch.equal(slim.head.weight, floats([[1]]))
     # e = [5]; fc(e) = [-5]; e + relu = [5]; head -> 5
-    assert torch.equal(out, _t([[5]]))
+    assert torch.equal(out, floats([[5]]))
     assert torch.equal(out, masked)
 
 
@@ -151,18 +140,18 @@ class FunctionalMlp(nn.Module):
 
 
 def test_functional_linear_and_matmul_by_a_parameter():
-    m = _fill(FunctionalMlp(), w1=[[1, -1], [2, 0], [0, 3]], b1=[0, 1, -1], w2=[[1, -1], [2, 0], [3, 1]])
+    m = fill_params(FunctionalMlp(), w1=[[1, -1], [2, 0], [0, 3]], b1=[0, 1, -1], w2=[[1, -1], [2, 0], [3, 1]])
     an = vitgraph.analyze(m, X2)
     assert [(g.id, g.kind, g.size, set(g.params)) for g in an.groups] == [
         ("ffn", "ffn", 3, {("w1", 0), ("b1", 0), ("w2", 0)})], str(an)
     assert [(f.size, f.where) for f in an.frozen] == [(2, ("w2",))]  # the output columns
     with torch.no_grad():  # relu(h) = [0, 3, 5], [0, 0, 0]; @ w2 -> [21, 5], [0, 0]
-        assert torch.equal(m(X2), _t([[21, 5], [0, 0]]))
+        assert torch.equal(m(X2), floats([[21, 5], [0, 0]]))
     slim, out, masked = _slim_and_masked(m, vitgraph.Plan.keep_all(an).keep("ffn", [0, 2]), X2)
-    assert torch.equal(slim.w1, _t([[1, -1], [0, 3]])) and torch.equal(slim.b1, _t([0, -1]))
-    assert torch.equal(slim.w2, _t([[1, -1], [3, 1]]))
+    assert torch.equal(slim.w1, floats([[1, -1], [0, 3]])) and torch.equal(slim.b1, floats([0, -1]))
+    assert torch.equal(slim.w2, floats([[1, -1], [3, 1]]))
     # relu(h) = [0, 5], [0, 0] -> [0 + 15, 0 + 5]
-    assert torch.equal(out, _t([[15, 5], [0, 0]]))
+    assert torch.equal(out, floats([[15, 5], [0, 0]]))
     assert torch.equal(out, masked)
 
 
@@ -183,15 +172,15 @@ class EinsumMlp(nn.Module):
 def test_einsum_ties_equal_letters():
     """Between an activation and a parameter einsum ties letters but gives no linear roles, so the
     width is an ``other`` group; it still slims."""
-    m = _fill(EinsumMlp(), w1=[[1, -1], [2, 0], [0, 3]], w2=[[1, -1], [2, 0], [3, 1]])
+    m = fill_params(EinsumMlp(), w1=[[1, -1], [2, 0], [0, 3]], w2=[[1, -1], [2, 0], [3, 1]])
     an = vitgraph.analyze(m, X2)
     assert [(g.id, g.kind, g.size, set(g.params)) for g in an.groups] == [
         ("other", "other", 3, {("w2", 0), ("w1", 0)})], str(an)
     assert "tied by einsum at" in an.explain("other")
     slim, out, masked = _slim_and_masked(m, vitgraph.Plan.keep_all(an).keep("other", [0, 1]), X2)
-    assert torch.equal(slim.w1, _t([[1, -1], [2, 0]])) and torch.equal(slim.w2, _t([[1, -1], [2, 0]]))
+    assert torch.equal(slim.w1, floats([[1, -1], [2, 0]])) and torch.equal(slim.w2, floats([[1, -1], [2, 0]]))
     # h = [-1, 2] and [-1, -2]; relu -> [0, 2], [0, 0]; -> [4, 0], [0, 0]
-    assert torch.equal(out, _t([[4, 0], [0, 0]]))
+    assert torch.equal(out, floats([[4, 0], [0, 0]]))
     assert torch.equal(out, masked)
 
 
