@@ -55,7 +55,7 @@ from vitgraph.planning.latency import LatencyTable
 from vitgraph.planning.planner import CostModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from align_kernels import SDPAShapes  # noqa: E402  (one recorder of fused-attention head dims)
+from align_kernels import SDPAShapes, span as _span, widths as _widths  # noqa: E402  (shared with the CPU check)
 
 DEFAULT_MODELS = ["deit_small_patch16_224", "vit_base_patch16_224"]
 VARIANTS = ("dense", "global", "aligned")
@@ -87,20 +87,6 @@ class Built:
 
     def drop_device_copies(self) -> None:
         self._dev.clear()
-
-
-def _widths(an, plan) -> dict[str, int]:
-    def n(g):
-        k = plan.kept.get(g.id)
-        return g.size if k is None else (len(k[0]) if isinstance(k[0], list) else len(k))
-    return {g.id: n(g) for g in an.groups}
-
-
-def _span(values) -> str:
-    values = sorted(set(values))
-    if not values:
-        return "-"
-    return str(values[0]) if len(values) == 1 else f"{values[0]}..{values[-1]}"
 
 
 def build(name: str, round_to: int) -> Built:
